@@ -1,0 +1,175 @@
+"""Command line: ``nbdfleece serve ...``.
+
+``nbdfleece serve`` with no arguments is the embedded default: it creates a
+sparse 1 GiB demo image in ``./nbdfleece-data`` (or ``$NBDFLEECE_DATA``) if
+missing and exports it as ``demo`` on 127.0.0.1:10809.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from nbdfleece import __version__
+from nbdfleece.block.file import FileStore
+from nbdfleece.config import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_LISTEN,
+    DEMO_EXPORT,
+    DEMO_SIZE,
+    ExportConfig,
+    ServerConfig,
+    load_file,
+    parse_export_spec,
+)
+from nbdfleece.errors import ConfigError
+from nbdfleece.exports import Export, ExportRegistry
+from nbdfleece.server import (
+    Limits,
+    Server,
+    describe_listener,
+    open_listener,
+    systemd_listeners,
+)
+
+log = logging.getLogger("nbdfleece")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbdfleece", description="An NBD server for incremental live backup."
+    )
+    parser.add_argument("--version", action="version", version=f"nbdfleece {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="run the NBD server",
+        description="Serve raw images over NBD. With no arguments at all, export a demo "
+        "image from ./nbdfleece-data on 127.0.0.1:10809.",
+    )
+    serve.add_argument(
+        "--listen", action="append", default=[], metavar="ADDR",
+        help="HOST:PORT, [V6ADDR]:PORT or unix:PATH; repeatable (default 127.0.0.1:10809)",
+    )
+    serve.add_argument(
+        "--export", action="append", default=[], metavar="SPEC",
+        help="NAME=PATH[,readonly][,create=SIZE][,description=TEXT]; repeatable",
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    serve.add_argument(
+        "--data-dir", metavar="DIR",
+        help="folder for the embedded default's demo image (default ./nbdfleece-data)",
+    )
+    serve.add_argument("--handshake-timeout", type=float, metavar="SECONDS")
+    serve.add_argument("--request-timeout", type=float, metavar="SECONDS")
+    serve.add_argument("--idle-timeout", type=float, metavar="SECONDS")
+    serve.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser
+
+
+def resolve_config(args: argparse.Namespace, argv: Sequence[str]) -> ServerConfig:
+    """Merge the config file, the flags and the embedded default."""
+    cfg = load_file(args.config) if args.config else ServerConfig()
+    listen = list(cfg.listen) + list(args.listen)
+    exports = list(cfg.exports) + [parse_export_spec(s) for s in args.export]
+    if not argv[1:] or (not exports and not listen and not args.config):
+        data_dir = args.data_dir or os.environ.get("NBDFLEECE_DATA") or DEFAULT_DATA_DIR
+        exports = [ExportConfig(
+            DEMO_EXPORT, os.path.join(data_dir, "demo.raw"),
+            description="nbdfleece demo disk", create=DEMO_SIZE,
+        )]
+    names = [e.name for e in exports]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise ConfigError(f"export names used twice: {sorted(duplicates)}")
+    if not listen and "LISTEN_FDS" not in os.environ:
+        listen = [DEFAULT_LISTEN]
+    overrides = {
+        k: v for k, v in {
+            "handshake_timeout": args.handshake_timeout,
+            "request_timeout": args.request_timeout,
+            "idle_timeout": args.idle_timeout,
+        }.items() if v is not None
+    }
+    for key, value in overrides.items():
+        if value < 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must not be negative")
+    limits: Limits = dataclasses.replace(cfg.limits, **overrides)
+    return ServerConfig(tuple(listen), tuple(exports), limits)
+
+
+def open_exports(exports: Sequence[ExportConfig]) -> ExportRegistry:
+    registry = ExportRegistry()
+    for ec in exports:
+        if ec.create is not None and not os.path.exists(ec.path):
+            os.makedirs(os.path.dirname(os.path.abspath(ec.path)), exist_ok=True)
+            with open(ec.path, "xb") as f:
+                f.truncate(ec.create)
+            log.info("created sparse image %s (%d bytes)", ec.path, ec.create)
+        try:
+            node = FileStore(ec.name, ec.path, read_only=ec.readonly)
+        except OSError as exc:
+            raise ConfigError(f"export '{ec.name}': cannot open {ec.path}: {exc.strerror}") from None
+        registry.add(Export(ec.name, node, read_only=ec.readonly, description=ec.description))
+    return registry
+
+
+async def run(cfg: ServerConfig) -> None:
+    registry = open_exports(cfg.exports)
+    listeners = systemd_listeners()
+    for spec in cfg.listen:
+        try:
+            listeners.append(open_listener(spec))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot listen on {spec}: {exc}") from None
+    server = Server(registry, cfg.limits)
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve, listeners)
+                for lsock in listeners:
+                    log.info("listening on %s", describe_listener(lsock))
+                for export in registry:
+                    log.info(
+                        "export '%s': %s (%d bytes%s)", export.name,
+                        getattr(export.node, "path", export.node.name), export.node.size,
+                        ", read-only" if export.read_only else "",
+                    )
+                async for signum in signals:
+                    log.info("%s received: stopping gracefully", signal.Signals(signum).name)
+                    server.shutdown()
+                    break
+    finally:
+        for export in registry:
+            await export.node.close()
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv[1:])
+    if args.command != "serve":
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        cfg = resolve_config(args, argv[1:])
+        trio.run(run, cfg)
+    except ConfigError as exc:
+        print(f"nbdfleece: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,363 @@
+"""Sans-I/O server side of the NBD fixed-newstyle handshake.
+
+Theory of operation
+-------------------
+The I/O layer feeds whatever bytes arrived to :meth:`ServerHandshake.receive_data`,
+sends whatever :meth:`ServerHandshake.data_to_send` returns, and calls
+:meth:`ServerHandshake.next_event` until it returns :data:`NEED_DATA`.  The
+handshake never touches a socket, so it is tested by feeding bytes.
+
+Phases (rule: every transition lives in ``next_event``)::
+
+    CLIENT_FLAGS --4 bytes--> OPTIONS --EXPORT_NAME / GO ok--> DONE (Negotiated)
+                                 |  \\--ABORT--> DONE (Closed, soft)
+                                 \\--MUST violated--> DONE (Closed, hard)
+
+``OPTIONS`` may also be *skipping* the payload of an oversized option, which
+is discarded as it arrives (never buffered) and then answered TOO_BIG.
+
+Every refusal that the spec lets a server answer is an :class:`OptionError`
+turned into an error reply with a message; negotiation continues.  Only
+protocol violations that forbid an answer (bad magic, unknown client flags,
+a failed EXPORT_NAME, a non-fixed client sending anything else) end the
+connection.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from nbdfleece import wire
+from nbdfleece.constants import (
+    EXPORT_NAME_PADDING,
+    IHAVEOPT,
+    MAX_BLOCK_SIZE,
+    MAX_OPTION_LENGTH,
+    MAX_STRING,
+    MIN_BLOCK_SIZE,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    PREFERRED_BLOCK_SIZE,
+    ClientFlag,
+    HandshakeFlag,
+    Info,
+    Opt,
+    Rep,
+    TransmissionFlag,
+)
+from nbdfleece.errors import OptionError
+from nbdfleece.exports import ExportInfo
+
+SERVER_HANDSHAKE_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+
+
+class ExportDirectory(Protocol):
+    """The handshake's read-only view of the export catalogue."""
+
+    def lookup(self, name: str) -> ExportInfo | None: ...
+
+    def listing(self) -> list[tuple[str, str]]: ...
+
+
+class Phase(enum.Enum):
+    CLIENT_FLAGS = "client-flags"
+    OPTIONS = "options"
+    DONE = "done"
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+"""``next_event`` result: feed more bytes before calling again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """The client chose an export: switch to the transmission phase."""
+
+    export: ExportInfo
+    structured: bool
+    contexts: dict[int, str] = field(default_factory=dict)
+    """Selected meta contexts, context id -> name."""
+    flags: TransmissionFlag = TransmissionFlag.HAS_FLAGS
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """Negotiation ended without an export; ``hard`` when the peer broke a MUST."""
+
+    reason: str
+    hard: bool
+
+
+Event = Negotiated | Closed
+
+
+def transmission_flags(export: ExportInfo, structured: bool) -> TransmissionFlag:
+    """The flags word for ``export`` as QEMU 7.2 composes it."""
+    tf = TransmissionFlag
+    flags = tf.HAS_FLAGS | tf.SEND_FLUSH | tf.SEND_FUA | tf.CAN_MULTI_CONN | tf.SEND_CACHE
+    if export.read_only:
+        flags |= tf.READ_ONLY
+    else:
+        flags |= tf.SEND_TRIM | tf.SEND_WRITE_ZEROES | tf.SEND_FAST_ZERO
+    if structured:
+        flags |= tf.SEND_DF
+    return flags
+
+
+def match_contexts(offered: Sequence[str], queries: Sequence[str], *, listing: bool) -> list[str]:
+    """Resolve meta-context queries against the contexts an export offers.
+
+    LIST: no query means everything; ``ns:`` and ``qemu:dirty-bitmap:``
+    prefixes expand.  SET: exact names only (wildcards select nothing).
+    Unknown namespaces and leaves are ignored, never errors.  The result keeps
+    the export's order and has no duplicates.
+    """
+    if listing and not queries:
+        return list(offered)
+    chosen: set[str] = set()
+    for query in queries:
+        if listing and query.endswith(":") and query.count(":") >= 1:
+            chosen.update(c for c in offered if c.startswith(query))
+        elif query in offered:
+            chosen.add(query)
+    return [c for c in offered if c in chosen]
+
+
+class ServerHandshake:
+    """One connection's negotiation, fed with bytes; see the module docstring."""
+
+    def __init__(self, directory: ExportDirectory) -> None:
+        self._directory = directory
+        self._in = bytearray()
+        self._out = bytearray()
+        self.phase = Phase.CLIENT_FLAGS
+        self.fixed_newstyle = False
+        self.no_zeroes = False
+        self.structured = False
+        self._meta_export: str | None = None
+        self._meta_selected: dict[int, str] = {}
+        self._skip_remaining = 0
+        self._skip_option = 0
+        self._out += wire.GREETING.pack(NBDMAGIC, IHAVEOPT, SERVER_HANDSHAKE_FLAGS)
+
+    # -- I/O interface ----------------------------------------------------
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self.phase is Phase.DONE:
+            raise RuntimeError("handshake is over; pass further bytes to transmission")
+        self._in += data
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def trailing_data(self) -> bytes:
+        """Bytes received after the final option (early transmission requests)."""
+        return bytes(self._in)
+
+    def next_event(self) -> Event | _NeedData:
+        if self.phase is Phase.DONE:
+            raise RuntimeError("handshake is over")
+        if self.phase is Phase.CLIENT_FLAGS:
+            if len(self._in) < wire.CLIENT_FLAGS.size:
+                return NEED_DATA
+            (flags,) = wire.CLIENT_FLAGS.unpack_from(self._in)
+            del self._in[: wire.CLIENT_FLAGS.size]
+            if flags & ~(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES):
+                return self._close(f"client sent unknown flags {flags:#x}", hard=True)
+            self.fixed_newstyle = bool(flags & ClientFlag.C_FIXED_NEWSTYLE)
+            self.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
+            self.phase = Phase.OPTIONS
+        while True:
+            if self._skip_remaining:
+                n = min(self._skip_remaining, len(self._in))
+                del self._in[:n]
+                self._skip_remaining -= n
+                if self._skip_remaining:
+                    return NEED_DATA
+                self._reply_error(
+                    self._skip_option,
+                    OptionError(Rep.ERR_TOO_BIG, f"option longer than {MAX_OPTION_LENGTH} bytes"),
+                )
+            hsize = wire.OPTION_REQUEST_HEADER.size
+            if len(self._in) < hsize:
+                return NEED_DATA
+            magic, option, length = wire.OPTION_REQUEST_HEADER.unpack_from(self._in)
+            if magic != IHAVEOPT:
+                return self._close("bad option magic", hard=True)
+            if length > MAX_OPTION_LENGTH:
+                if not self.fixed_newstyle:
+                    return self._close("oversized option from a non-fixed client", hard=True)
+                del self._in[:hsize]
+                self._skip_remaining, self._skip_option = length, option
+                continue
+            if len(self._in) < hsize + length:
+                return NEED_DATA
+            payload = bytes(self._in[hsize : hsize + length])
+            del self._in[: hsize + length]
+            event = self._dispatch(option, payload)
+            if event is not None:
+                return event
+
+    # -- helpers ----------------------------------------------------------
+    def _close(self, reason: str, *, hard: bool) -> Closed:
+        self.phase = Phase.DONE
+        return Closed(reason, hard)
+
+    def _reply(self, option: int, rep: int, payload: bytes = b"") -> None:
+        self._out += wire.OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, option, rep, len(payload))
+        self._out += payload
+
+    def _reply_error(self, option: int, err: OptionError) -> None:
+        self._reply(option, err.rep, err.message.encode()[:MAX_STRING])
+
+    def _dispatch(self, option: int, payload: bytes) -> Event | None:
+        if not self.fixed_newstyle and option != Opt.EXPORT_NAME:
+            return self._close(f"option {option} from a client without fixed newstyle", hard=True)
+        if option == Opt.EXPORT_NAME:
+            return self._export_name(payload)
+        handler = self._HANDLERS.get(option)
+        try:
+            if handler is None:
+                raise OptionError(Rep.ERR_UNSUP, f"option {option} not supported")
+            return handler(self, option, payload)
+        except OptionError as err:
+            self._reply_error(option, err)
+            return None
+
+    @staticmethod
+    def _decode_name(raw: bytes, what: str = "export name") -> str:
+        if len(raw) > MAX_STRING:
+            raise OptionError(Rep.ERR_INVALID, f"{what} longer than {MAX_STRING} bytes")
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise OptionError(Rep.ERR_INVALID, f"{what} is not valid UTF-8") from None
+        if "\0" in name:
+            raise OptionError(Rep.ERR_INVALID, f"{what} contains NUL")
+        return name
+
+    def _lookup(self, name: str) -> ExportInfo:
+        info = self._directory.lookup(name)
+        if info is None:
+            raise OptionError(Rep.ERR_UNKNOWN, f"export '{name}' not present")
+        return info
+
+    @staticmethod
+    def _require_empty(payload: bytes, option: int) -> None:
+        if payload:
+            raise OptionError(Rep.ERR_INVALID, f"option {option} takes no data")
+
+    # -- options ----------------------------------------------------------
+    def _export_name(self, payload: bytes) -> Event:
+        try:
+            info = self._lookup(self._decode_name(payload))
+        except OptionError as err:
+            return self._close(f"NBD_OPT_EXPORT_NAME refused: {err.message}", hard=True)
+        flags = transmission_flags(info, self.structured)
+        self._out += wire.EXPORT_NAME_REPLY.pack(info.size, flags)
+        if not self.no_zeroes:
+            self._out += bytes(EXPORT_NAME_PADDING)
+        return self._negotiated(info, flags)
+
+    def _negotiated(self, info: ExportInfo, flags: TransmissionFlag) -> Negotiated:
+        contexts: dict[int, str] = {}
+        if self._meta_export == info.name:
+            contexts = {i: c for i, c in self._meta_selected.items() if c in info.contexts}
+        self.phase = Phase.DONE
+        return Negotiated(info, self.structured, contexts, flags)
+
+    def _abort(self, option: int, payload: bytes) -> Event:
+        self._reply(option, Rep.ACK)
+        return self._close("client aborted", hard=False)
+
+    def _list(self, option: int, payload: bytes) -> None:
+        self._require_empty(payload, option)
+        for name, description in self._directory.listing():
+            self._reply(option, Rep.SERVER, wire.rep_server.build(
+                {"name": name.encode(), "description": description.encode()}
+            ))
+        self._reply(option, Rep.ACK)
+
+    def _starttls(self, option: int, payload: bytes) -> None:
+        self._require_empty(payload, option)
+        raise OptionError(Rep.ERR_POLICY, "TLS not configured")
+
+    def _structured_reply(self, option: int, payload: bytes) -> None:
+        self._require_empty(payload, option)
+        if self.structured:
+            raise OptionError(Rep.ERR_INVALID, "structured reply already negotiated")
+        self.structured = True
+        self._reply(option, Rep.ACK)
+
+    def _info_or_go(self, option: int, payload: bytes) -> Event | None:
+        request = wire.parse_option_payload(wire.go_request, payload)
+        info = self._lookup(self._decode_name(request.name))
+        flags = transmission_flags(info, self.structured)
+        self._reply(option, Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, info.size, flags))
+        seen: set[int] = set()
+        for item in request.info_requests:
+            if item in seen:
+                continue
+            seen.add(item)
+            if item == Info.NAME:
+                self._reply(option, Rep.INFO, wire.info_name.build({"name": info.name.encode()}))
+            elif item == Info.DESCRIPTION and info.description:
+                self._reply(option, Rep.INFO, wire.info_description.build(
+                    {"description": info.description.encode()}
+                ))
+            elif item == Info.BLOCK_SIZE:
+                self._reply_block_size(option)
+        if Info.BLOCK_SIZE not in seen:
+            self._reply_block_size(option)
+        self._reply(option, Rep.ACK)
+        if option == Opt.GO:
+            return self._negotiated(info, flags)
+        return None
+
+    def _reply_block_size(self, option: int) -> None:
+        self._reply(option, Rep.INFO, wire.INFO_BLOCK_SIZE.pack(
+            Info.BLOCK_SIZE, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_BLOCK_SIZE
+        ))
+
+    def _meta_context(self, option: int, payload: bytes) -> None:
+        listing = option == Opt.LIST_META_CONTEXT
+        if not self.structured:
+            raise OptionError(Rep.ERR_INVALID, "structured replies must be negotiated first")
+        request = wire.parse_option_payload(wire.meta_context_request, payload)
+        name = self._decode_name(request.name)
+        queries = [self._decode_name(q, "context query") for q in request.queries]
+        if not listing:
+            # SET replaces the selection even when it then fails.
+            self._meta_export, self._meta_selected = None, {}
+        info = self._lookup(name)
+        chosen = match_contexts(info.contexts, queries, listing=listing)
+        selected: dict[int, str] = {}
+        for context in chosen:
+            context_id = 0 if listing else info.context_id(context) or 0
+            selected[context_id] = context
+            self._reply(option, Rep.META_CONTEXT, wire.rep_meta_context.build(
+                {"context_id": context_id, "name": context.encode()}
+            ))
+        if not listing:
+            self._meta_export, self._meta_selected = info.name, selected
+        self._reply(option, Rep.ACK)
+
+    _HANDLERS = {
+        Opt.ABORT: _abort,
+        Opt.LIST: _list,
+        Opt.STARTTLS: _starttls,
+        Opt.INFO: _info_or_go,
+        Opt.GO: _info_or_go,
+        Opt.STRUCTURED_REPLY: _structured_reply,
+        Opt.LIST_META_CONTEXT: _meta_context,
+        Opt.SET_META_CONTEXT: _meta_context,
+    }
