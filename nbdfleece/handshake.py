@@ -145,13 +145,18 @@ class ServerHandshake:
         self._meta_export: str | None = None
         self._meta_selected: dict[int, str] = {}
         self._skip_remaining = 0
-        self._skip_option = 0
+        self._skip_option: int | None = None
         self._out += wire.GREETING.pack(NBDMAGIC, IHAVEOPT, SERVER_HANDSHAKE_FLAGS)
 
     # -- I/O interface ----------------------------------------------------
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self.phase is Phase.DONE:
             raise RuntimeError("handshake is over; pass further bytes to transmission")
+        if self._skip_remaining and not self._in:
+            # Discard an oversized option's payload as it arrives: never buffered.
+            n = min(self._skip_remaining, len(data))
+            self._skip_remaining -= n
+            data = data[n:]
         self._in += data
 
     def data_to_send(self) -> bytes:
@@ -171,20 +176,21 @@ class ServerHandshake:
                 return NEED_DATA
             (flags,) = wire.CLIENT_FLAGS.unpack_from(self._in)
             del self._in[: wire.CLIENT_FLAGS.size]
-            if flags & ~(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES):
+            if flags & ~int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES):
                 return self._close(f"client sent unknown flags {flags:#x}", hard=True)
             self.fixed_newstyle = bool(flags & ClientFlag.C_FIXED_NEWSTYLE)
             self.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
             self.phase = Phase.OPTIONS
         while True:
-            if self._skip_remaining:
+            if self._skip_remaining or self._skip_option is not None:
                 n = min(self._skip_remaining, len(self._in))
                 del self._in[:n]
                 self._skip_remaining -= n
                 if self._skip_remaining:
                     return NEED_DATA
+                option, self._skip_option = self._skip_option, None
                 self._reply_error(
-                    self._skip_option,
+                    option,
                     OptionError(Rep.ERR_TOO_BIG, f"option longer than {MAX_OPTION_LENGTH} bytes"),
                 )
             hsize = wire.OPTION_REQUEST_HEADER.size

@@ -46,6 +46,7 @@ from nbdfleece.transmission import (
     ExportState,
     Request,
     block_status_reply,
+    check_magic,
     done_reply,
     error_reply,
     parse_request,
@@ -175,6 +176,12 @@ class RecvBuffer:
             await self._recv(first_timeout if self.available == 0 else timeout)
         view = self._view[self._start : self._start + n]
         self._start += n
+        return view
+
+    async def peek(self, n: int, first_timeout: float, timeout: float) -> memoryview:
+        """Like ``read_exact`` but leaves the bytes buffered."""
+        view = await self.read_exact(n, first_timeout, timeout)
+        self._start -= n
         return view
 
     async def read_into(self, dest: memoryview, timeout: float) -> None:
@@ -324,6 +331,10 @@ class Connection:
         hsize = REQUEST_HEADER.size
         while True:
             idle = limits.idle_timeout if self._inflight == 0 else 0.0
+            if rbuf.available < hsize:
+                # Judge the magic as soon as it is here: a stray option after GO
+                # is shorter than a request header and must not wait for 28 bytes.
+                check_magic(await rbuf.peek(4, idle, limits.request_timeout))
             header = await rbuf.read_exact(hsize, idle, limits.request_timeout)
             req = parse_request(header)
             if req.type == Cmd.DISC:

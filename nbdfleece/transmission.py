@@ -43,7 +43,8 @@ from nbdfleece.errors import ProtocolError, RequestError
 
 Buffer = bytes | bytearray | memoryview
 
-_ALLOWED_FLAGS: dict[int, CmdFlag] = {
+# Plain ints: ``~`` on an IntFlag complements only the defined bits.
+_ALLOWED_FLAGS: dict[int, int] = {
     Cmd.READ: CmdFlag.FUA | CmdFlag.DF,
     Cmd.WRITE: CmdFlag.FUA,
     Cmd.DISC: CmdFlag.FUA,
@@ -53,6 +54,7 @@ _ALLOWED_FLAGS: dict[int, CmdFlag] = {
     Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
     Cmd.BLOCK_STATUS: CmdFlag.FUA | CmdFlag.REQ_ONE,
 }
+_REQUEST_MAGIC_BYTES = REQUEST_MAGIC.to_bytes(4, "big")
 _MODIFYING = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
 
 
@@ -82,6 +84,12 @@ class ExportState:
     contexts: dict[int, str]
 
 
+def check_magic(prefix: Buffer) -> None:
+    """Refuse a request whose first four bytes are not the request magic."""
+    if bytes(prefix[:4]) != _REQUEST_MAGIC_BYTES:
+        raise ProtocolError(f"bad request magic {bytes(prefix[:4]).hex()}")
+
+
 def parse_request(header: Buffer) -> Request:
     """Decode a 28-byte request header; a wrong magic ends the connection."""
     magic, flags, type_, cookie, offset, length = wire.REQUEST_HEADER.unpack(header)
@@ -95,9 +103,9 @@ def validate(state: ExportState, req: Request) -> None:
     allowed = _ALLOWED_FLAGS.get(req.type)
     if allowed is None:
         raise RequestError(Errno.EINVAL, f"unknown command {req.type}")
-    if req.flags & CmdFlag.DF and not state.structured:
-        allowed &= ~CmdFlag.DF
-    if req.flags & ~allowed:
+    if not state.structured:
+        allowed = int(allowed) & ~int(CmdFlag.DF)
+    if req.flags & ~int(allowed):
         raise RequestError(
             Errno.EINVAL, f"flags {req.flags:#x} not valid for {Cmd(req.type).name}"
         )
