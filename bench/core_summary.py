@@ -33,7 +33,7 @@ LOWER_IS_BETTER = ("W0", "W4")
 
 def oriented_ratios(ours, peer, wl):
     out = []
-    for a, b in zip(ours, peer):
+    for a, b in zip(ours, peer, strict=False):
         if not (a.get("ok") and b.get("ok")) or not a["value"] or not b["value"]:
             continue
         if wl.startswith(LOWER_IS_BETTER):
@@ -73,7 +73,8 @@ def main():
     L.append("| workload | " + " | ".join(f"vs {p}" for p in peers) + " |")
     L.append("|---|" + "---|" * len(peers))
     for w in wls:
-        L.append(f"| {w} | " + " | ".join(fmt(oriented_ratios(res[a.ours][w], res[p][w], w)) for p in peers) + " |")
+        cells = [fmt(oriented_ratios(res[a.ours][w], res[p][w], w)) for p in peers]
+        L.append(f"| {w} | " + " | ".join(cells) + " |")
     L.append("")
 
     w3 = [w for w in wls if w.startswith("W3")]

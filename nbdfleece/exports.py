@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from nbdfleece.block.node import BlockNode
 from nbdfleece.constants import BASE_ALLOCATION
 
-
 ExtentProvider = Callable[[int, int], Awaitable[list[tuple[int, int]]]]
 
 

@@ -52,6 +52,7 @@ from nbdfleece.errors import OptionError
 from nbdfleece.exports import ExportInfo
 
 SERVER_HANDSHAKE_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+_IHAVEOPT_BYTES = IHAVEOPT.to_bytes(8, "big")
 
 
 class ExportDirectory(Protocol):
@@ -194,11 +195,14 @@ class ServerHandshake:
                     OptionError(Rep.ERR_TOO_BIG, f"option longer than {MAX_OPTION_LENGTH} bytes"),
                 )
             hsize = wire.OPTION_REQUEST_HEADER.size
+            if len(self._in) >= 8 and bytes(self._in[:8]) != _IHAVEOPT_BYTES:
+                return self._close("bad option magic", hard=True)
             if len(self._in) < hsize:
                 return NEED_DATA
-            magic, option, length = wire.OPTION_REQUEST_HEADER.unpack_from(self._in)
-            if magic != IHAVEOPT:
-                return self._close("bad option magic", hard=True)
+            _, option, length = wire.OPTION_REQUEST_HEADER.unpack_from(self._in)
+            if option == Opt.EXPORT_NAME and length > MAX_STRING:
+                # No reply is possible for EXPORT_NAME: refuse before reading the name.
+                return self._close("NBD_OPT_EXPORT_NAME refused: name too long", hard=True)
             if length > MAX_OPTION_LENGTH:
                 if not self.fixed_newstyle:
                     return self._close("oversized option from a non-fixed client", hard=True)
@@ -294,7 +298,7 @@ class ServerHandshake:
         self._reply(option, Rep.ACK)
 
     def _starttls(self, option: int, payload: bytes) -> None:
-        self._require_empty(payload, option)
+        # Without TLS the answer is POLICY whatever the data (protocol/nbd.md).
         raise OptionError(Rep.ERR_POLICY, "TLS not configured")
 
     def _structured_reply(self, option: int, payload: bytes) -> None:

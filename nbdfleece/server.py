@@ -178,6 +178,10 @@ class RecvBuffer:
         self._start += n
         return view
 
+    async def receive_some(self) -> None:
+        """Wait until at least one more byte is buffered."""
+        await self._recv(0)
+
     async def peek(self, n: int, first_timeout: float, timeout: float) -> memoryview:
         """Like ``read_exact`` but leaves the bytes buffered."""
         view = await self.read_exact(n, first_timeout, timeout)
@@ -330,12 +334,14 @@ class Connection:
         limits = self.limits
         hsize = REQUEST_HEADER.size
         while True:
-            idle = limits.idle_timeout if self._inflight == 0 else 0.0
+            if limits.idle_timeout and not rbuf.available and not await self._wait_not_idle(rbuf):
+                log.info("conn %d: idle for %gs; disconnecting", self.id, limits.idle_timeout)
+                return
             if rbuf.available < hsize:
                 # Judge the magic as soon as it is here: a stray option after GO
                 # is shorter than a request header and must not wait for 28 bytes.
-                check_magic(await rbuf.peek(4, idle, limits.request_timeout))
-            header = await rbuf.read_exact(hsize, idle, limits.request_timeout)
+                check_magic(await rbuf.peek(4, 0, limits.request_timeout))
+            header = await rbuf.read_exact(hsize, 0, limits.request_timeout)
             req = parse_request(header)
             if req.type == Cmd.DISC:
                 log.debug("conn %d: client disconnected", self.id)
@@ -360,6 +366,16 @@ class Connection:
                     raise
             self._inflight += 1
             requests.start_soon(self._serve, req, state, export, payload, cost)
+
+    async def _wait_not_idle(self, rbuf: RecvBuffer) -> bool:
+        """Wait for the next request; False once idle_timeout passed with nothing in flight."""
+        while True:
+            with trio.move_on_after(self.limits.idle_timeout) as scope:
+                await rbuf.receive_some()
+            if not scope.cancelled_caught:
+                return True
+            if not self._inflight:
+                return False
 
     async def _send(self, parts: Sequence[Buffer]) -> None:
         async with self._send_lock:
@@ -500,6 +516,9 @@ class Server:
                     accept_nursery.cancel_scope.cancel()
                 for lsock in listeners:
                     accept_nursery.start_soon(self._accept_loop, lsock, conn_nursery)
+                # Connections may also arrive without listeners (socket pairs,
+                # later QMP-added servers): run until shutdown() either way.
+                accept_nursery.start_soon(trio.sleep_forever)
                 task_status.started()
             for lsock in listeners:
                 lsock.close()

@@ -73,7 +73,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"server did not stop within {timeout}s:\n{self.log()}")
+                raise AssertionError(f"server did not stop within {timeout}s:\n{self.log()}") from None
         rc = self.proc.returncode
         assert rc is not None
         return rc
