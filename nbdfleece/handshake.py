@@ -26,9 +26,9 @@ connection.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from nbdfleece import wire
 from nbdfleece.constants import (
@@ -183,7 +183,8 @@ class ServerHandshake:
             self.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
             self.phase = Phase.OPTIONS
         while True:
-            if self._skip_remaining or self._skip_option is not None:
+            # _skip_remaining > 0 only while _skip_option is set (see below).
+            if self._skip_option is not None:
                 n = min(self._skip_remaining, len(self._in))
                 del self._in[:n]
                 self._skip_remaining -= n
@@ -361,7 +362,7 @@ class ServerHandshake:
             self._meta_export, self._meta_selected = info.name, selected
         self._reply(option, Rep.ACK)
 
-    _HANDLERS = {
+    _HANDLERS: ClassVar[dict[int, Callable[[ServerHandshake, int, bytes], Event | None]]] = {
         Opt.ABORT: _abort,
         Opt.LIST: _list,
         Opt.STARTTLS: _starttls,

@@ -465,7 +465,7 @@ class Connection:
         if not req.length:
             raise RequestError(Errno.EINVAL, "block status of 0 bytes")
         req_one = bool(req.flags & CmdFlag.REQ_ONE)
-        chunks: list[bytes] = []
+        chunks: list[Buffer] = []
         items = sorted(state.contexts.items())
         for i, (context_id, context) in enumerate(items):
             raw = await export.extents(context, req.offset, req.length)

@@ -155,7 +155,7 @@ def error_reply(structured: bool, cookie: int, errno: int, message: str) -> byte
     if not structured:
         return simple_reply(cookie, errno)
     text = message.encode("utf-8", "replace")[: min(MAX_STRING, 0xFFFF)]
-    payload = wire.error_payload.build({"error": errno, "message": text})
+    payload: bytes = wire.error_payload.build({"error": errno, "message": text})
     return chunk_header(cookie, ReplyType.ERROR, len(payload), True) + payload
 
 

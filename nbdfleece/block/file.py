@@ -2,14 +2,20 @@
 
 Keeping the event loop free
 ---------------------------
-Every blocking call runs in a worker thread, with one exception made for
-speed: reads first try ``preadv2(RWF_NOWAIT)``, which the kernel completes
-only from the page cache and otherwise refuses with EAGAIN (or a short
-count) instead of sleeping.  A hit costs one syscall on the loop; a miss
-falls back to the worker thread for the rest.  The same is tried for
-writes, where most filesystems answer EOPNOTSUPP; the store then remembers
-that and goes straight to the thread.  ``lseek(SEEK_DATA/SEEK_HOLE)`` for
-sparse reads and block status also runs in the thread.
+Blocking calls run in the worker pool (``nbdfleece.block.workers``), with two
+exceptions made for speed, both of which cannot wait for a disk:
+
+* on a memory-backed filesystem (tmpfs, ramfs: ``fstatfs`` tells) there is
+  no disk, so every call runs inline;
+* reads first try ``preadv2(RWF_NOWAIT)``, which the kernel completes only
+  from the page cache and otherwise refuses with EAGAIN (or a short count)
+  instead of sleeping; a miss falls back to the pool for the rest.  The same
+  is tried for writes, where most filesystems answer EOPNOTSUPP; the store
+  then remembers that and goes straight to the pool.
+
+Sparse reads ask ``lseek(SEEK_DATA)`` once (a lookup in the inode's extent
+map) and never ``SEEK_HOLE``, which tmpfs answers by scanning to the end of
+the file (milliseconds per call on a 1 GiB image).
 
 Zeroing uses ``fallocate``: PUNCH_HOLE when the client allows
 deallocation, ZERO_RANGE when it does not, then explicit zero buffers
@@ -23,10 +29,12 @@ import ctypes.util
 import errno
 import os
 import stat
-
-import trio
+import struct
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from nbdfleece.block.node import BlockNode, Extent, Segment
+from nbdfleece.block.workers import run_blocking
 from nbdfleece.constants import AllocationState, Errno
 from nbdfleece.errors import RequestError
 
@@ -42,16 +50,19 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 _libc.fallocate.restype = ctypes.c_int
 _ZEROES = bytes(ZERO_CHUNK)
 
-_io_limiter: trio.CapacityLimiter | None = None
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_libc.fstatfs.restype = ctypes.c_int
+MEMORY_FILESYSTEMS = {0x01021994, 0x858458F6}  # TMPFS_MAGIC, RAMFS_MAGIC
+T = TypeVar("T")
 
 
-def io_limiter() -> trio.CapacityLimiter:
-    """Worker threads shared by every store: bounded, so a flood of requests
-    queues in the loop instead of spawning hundreds of threads."""
-    global _io_limiter
-    if _io_limiter is None:
-        _io_limiter = trio.CapacityLimiter(16)
-    return _io_limiter
+def memory_backed(fd: int) -> bool:
+    """True when ``fd`` lives on tmpfs/ramfs, where I/O never waits for a disk."""
+    buf = ctypes.create_string_buffer(256)
+    if _libc.fstatfs(fd, buf) != 0:
+        return False
+    (f_type,) = struct.unpack_from("l", buf)  # __fsword_t f_type comes first
+    return f_type in MEMORY_FILESYSTEMS
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -88,8 +99,9 @@ class FileStore(BlockNode):
         st = os.fstat(self._fd)
         self._is_block = stat.S_ISBLK(st.st_mode)
         self._size = os.lseek(self._fd, 0, os.SEEK_END) if self._is_block else st.st_size
-        self._read_nowait = True
-        self._write_nowait = not read_only
+        self._inline = not self._is_block and memory_backed(self._fd)
+        self._read_nowait = not self._inline
+        self._write_nowait = not read_only and not self._inline
         self._seek_holes = not self._is_block
 
     # -- properties -------------------------------------------------------
@@ -105,18 +117,66 @@ class FileStore(BlockNode):
         return self._fd
 
     # -- reads ------------------------------------------------------------
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call: inline on memory-backed files, else in the pool."""
+        if self._inline:
+            return fn(*args)
+        return await run_blocking(fn, *args)
+
     async def read(self, offset: int, buf: memoryview, *, sparse: bool = False) -> list[Segment]:
         length = len(buf)
-        if sparse and self._seek_holes:
-            return await trio.to_thread.run_sync(
-                self._read_sparse_sync, offset, buf, limiter=io_limiter()
-            )
+        if not (sparse and self._seek_holes):
+            await self._read_data(offset, buf)
+            return [Segment(0, length, False)]
+        segments = self._sparse_segments(offset, offset + length)
+        for seg in segments:
+            if not seg.zero:
+                await self._read_data(offset + seg.start, buf[seg.start : seg.start + seg.length])
+        return segments
+
+    async def _read_data(self, offset: int, buf: memoryview) -> None:
         done = self._try_nowait_read(offset, buf) if self._read_nowait else 0
-        if done < length:
-            await trio.to_thread.run_sync(
-                _pread_full, self._fd, buf[done:], offset + done, limiter=io_limiter()
-            )
-        return [Segment(0, length, False)]
+        if done < len(buf):
+            await self._call(_pread_full, self._fd, buf[done:], offset + done)
+
+    def _sparse_segments(self, offset: int, end: int) -> list[Segment]:
+        """Hole/data segments of a read, for at most a few cheap ``lseek`` calls.
+
+        ``SEEK_HOLE`` is asked only when the last byte is known to be in a
+        hole, so its scan stops inside the request; otherwise data that
+        starts after a leading hole is read as data to the end.
+        """
+        segments: list[Segment] = []
+        tail_is_hole: bool | None = None
+        pos = offset
+        while pos < end and len(segments) < SPARSE_SEGMENTS_MAX:
+            data = self._first_data(pos, end)
+            if data > pos:
+                segments.append(Segment(pos - offset, data - pos, True))
+                pos = data
+                continue
+            if tail_is_hole is None:
+                tail_is_hole = self._first_data(end - 1, end) == end
+            if not tail_is_hole:
+                break
+            hole = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)
+            segments.append(Segment(pos - offset, hole - pos, False))
+            pos = hole
+        if pos < end:
+            segments.append(Segment(pos - offset, end - pos, False))
+        return segments
+
+    def _first_data(self, pos: int, end: int) -> int:
+        """Offset of the first data byte at or after ``pos`` (``end`` if none before it)."""
+        try:
+            return min(os.lseek(self._fd, pos, os.SEEK_DATA), end)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return end
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                self._seek_holes = False
+                return pos
+            raise
 
     def _try_nowait_read(self, offset: int, buf: memoryview) -> int:
         try:
@@ -128,13 +188,6 @@ class FileStore(BlockNode):
                 self._read_nowait = False
                 return 0
             raise
-
-    def _read_sparse_sync(self, offset: int, buf: memoryview) -> list[Segment]:
-        segments = self._map_sync(offset, len(buf))
-        for seg in segments:
-            if not seg.zero:
-                _pread_full(self._fd, buf[seg.start : seg.start + seg.length], offset + seg.start)
-        return segments
 
     def _map_sync(self, offset: int, length: int) -> list[Segment]:
         """Split ``[offset, offset+length)`` into data and hole segments."""
@@ -173,9 +226,7 @@ class FileStore(BlockNode):
             done = self._try_nowait_write(offset, data)
         if done < len(data):
             flags = os.RWF_DSYNC if fua else 0
-            await trio.to_thread.run_sync(
-                _pwrite_full, self._fd, data[done:], offset + done, flags, limiter=io_limiter()
-            )
+            await self._call(_pwrite_full, self._fd, data[done:], offset + done, flags)
         elif fua:
             await self.flush()
 
@@ -193,9 +244,7 @@ class FileStore(BlockNode):
     async def write_zeroes(
         self, offset: int, length: int, *, may_trim: bool, fua: bool = False, fast: bool = False
     ) -> None:
-        await trio.to_thread.run_sync(
-            self._write_zeroes_sync, offset, length, may_trim, fast, limiter=io_limiter()
-        )
+        await self._call(self._write_zeroes_sync, offset, length, may_trim, fast)
         if fua:
             await self.flush()
 
@@ -222,7 +271,7 @@ class FileStore(BlockNode):
             offset += n
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        await trio.to_thread.run_sync(self._trim_sync, offset, length, limiter=io_limiter())
+        await self._call(self._trim_sync, offset, length)
         if fua:
             await self.flush()
 
@@ -235,25 +284,16 @@ class FileStore(BlockNode):
                 raise
 
     async def flush(self) -> None:
-        await trio.to_thread.run_sync(os.fdatasync, self._fd, limiter=io_limiter())
+        await self._call(os.fdatasync, self._fd)
 
     async def cache(self, offset: int, length: int) -> None:
-        await trio.to_thread.run_sync(
-            os.posix_fadvise,
-            self._fd,
-            offset,
-            length,
-            os.POSIX_FADV_WILLNEED,
-            limiter=io_limiter(),
-        )
+        await self._call(os.posix_fadvise, self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     # -- status -----------------------------------------------------------
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         if not self._seek_holes:
             return [Extent(length, AllocationState(0))]
-        segments = await trio.to_thread.run_sync(
-            self._map_sync, offset, length, limiter=io_limiter()
-        )
+        segments = await self._call(self._map_sync, offset, length)
         hole = AllocationState.HOLE | AllocationState.ZERO
         return [Extent(s.length, hole if s.zero else AllocationState(0)) for s in segments]
 

@@ -44,7 +44,8 @@ SPARSE_RUNS = [
 
 def libnbd() -> ModuleType:
     """libnbd's Python binding (Debian's python3-libnbd), or skip."""
-    return pytest.importorskip("nbd")
+    nbd: ModuleType = pytest.importorskip("nbd")
+    return nbd
 
 
 def read_file(path: Path, offset: int, length: int) -> bytes:

@@ -50,7 +50,7 @@ FAST_CODECS = {
 
 def expected_fields(vector: dict[str, Any]) -> dict[str, Any]:
     """Vector fields in wire.py's vocabulary (strings as bytes, counts checked)."""
-    fields = dict(vector["fields"])
+    fields: dict[str, Any] = dict(vector["fields"])
     for count, target in COUNTS.items():
         if count in fields:
             n = fields.pop(count)
@@ -134,6 +134,7 @@ def check_s2c(step: dict[str, Any], got: bytes) -> int:
         return len(want)
     prefix = bytes.fromhex(step["hex_prefix"])
     assert got[: len(prefix)] == prefix, step["note"]
+    length: int
     (length,) = struct.unpack_from(">I", got, len(prefix))
     text = got[len(prefix) + 4 : len(prefix) + 4 + length]
     if "error" in step:  # structured ERROR chunk: error, msglen, message
