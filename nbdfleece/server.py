@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import trio
 
-from nbdfleece.block.node import BlockNode
+from nbdfleece.block.node import BlockNode, Segment
 from nbdfleece.constants import MAX_BLOCK_SIZE, Cmd, CmdFlag, Errno
 from nbdfleece.errors import ProtocolError, RequestError, error_message, nbd_errno
 from nbdfleece.exports import Export, ExportRegistry
@@ -59,6 +59,8 @@ from nbdfleece.wire import REQUEST_HEADER
 log = logging.getLogger(__name__)
 
 RECV_BUFFER = 256 * 1024
+SENDFILE_MIN = 64 * 1024
+"""Reads at least this long are sent with sendfile where the node allows it."""
 SPARSE_READ_MIN = 64 * 1024
 """Reads at least this long may answer holes with OFFSET_HOLE chunks."""
 REQUEST_OVERHEAD = 64 * 1024
@@ -130,7 +132,8 @@ class ByteBudget:
 
     def release(self, n: int) -> None:
         self.used -= n
-        self._lot.unpark_all()
+        if self._lot:
+            self._lot.unpark_all()
 
 
 class RecvBuffer:
@@ -138,6 +141,7 @@ class RecvBuffer:
 
     def __init__(self, sock: trio.socket.SocketType, initial: bytes = b"") -> None:
         self._sock = sock
+        self._fd = sock.fileno()
         self._buf = bytearray(max(RECV_BUFFER, len(initial)))
         self._view = memoryview(self._buf)
         self._start = 0
@@ -153,11 +157,7 @@ class RecvBuffer:
             avail = self.available
             self._buf[:avail] = self._view[self._start : self._end]
             self._start, self._end = 0, avail
-        if timeout > 0:
-            with trio.fail_after(timeout):
-                n = await self._sock.recv_into(self._view[self._end :])
-        else:
-            n = await self._sock.recv_into(self._view[self._end :])
+        n = await recv_into(self._fd, self._view[self._end :], timeout)
         if n == 0:
             raise PeerClosed("peer closed the connection")
         self._end += n
@@ -195,8 +195,7 @@ class RecvBuffer:
         self._start += take
         pos = take
         while pos < len(dest):
-            with trio.fail_after(timeout):
-                n = await self._sock.recv_into(dest[pos:])
+            n = await recv_into(self._fd, dest[pos:], timeout)
             if n == 0:
                 raise PeerClosed("peer closed the connection mid-payload")
             pos += n
@@ -211,14 +210,72 @@ class RecvBuffer:
             n -= take
 
 
-async def send_all(sock: trio.socket.SocketType, parts: Sequence[Buffer]) -> None:
-    """Send every buffer in order with as few ``sendmsg`` calls as possible."""
+async def recv_into(fd: int, view: memoryview, timeout: float) -> int:
+    """``readv`` straight into ``view``; waits (up to ``timeout``, 0: forever) only when empty.
+
+    A read that finds data still passes a checkpoint, so a client that never
+    lets the socket run dry cannot starve other connections or cancellation.
+    """
+    try:
+        n = os.readv(fd, [view])
+    except BlockingIOError:
+        pass
+    else:
+        await trio.lowlevel.checkpoint()
+        return n
+    while True:
+        if timeout > 0:
+            with trio.fail_after(timeout):
+                await trio.lowlevel.wait_readable(fd)
+        else:
+            await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.readv(fd, [view])
+        except BlockingIOError:
+            continue
+
+
+async def send_more(fd: int, data: Buffer) -> None:
+    """Send ``data`` with MSG_MORE: more bytes follow at once."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[_send_flags(fd, view, _stdsocket.MSG_MORE) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(fd)
+
+
+def _send_flags(fd: int, data: memoryview, flags: int) -> int:
+    with _stdsocket.socket(fileno=fd) as sock:
+        try:
+            return sock.send(data, flags)
+        finally:
+            sock.detach()
+
+
+async def sendfile_all(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
+    """``sendfile`` a file range completely (short counts and EAGAIN retried)."""
+    while count:
+        try:
+            sent = os.sendfile(sock_fd, file_fd, offset, count)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock_fd)
+            continue
+        if sent == 0:
+            raise OSError(_errno.EIO, "file shorter than the export (was it truncated?)")
+        offset += sent
+        count -= sent
+
+
+async def send_all(fd: int, parts: Sequence[Buffer]) -> None:
+    """Send every buffer in order with as few ``writev`` calls as possible."""
     views = [memoryview(p) for p in parts if len(p)]
     while views:
-        if len(views) == 1:
-            sent = await sock.send(views[0])
-        else:
-            sent = await sock.sendmsg(views[:IOV_MAX])
+        try:
+            sent = os.writev(fd, views[:IOV_MAX])
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(fd)
+            continue
         while sent:
             head = views[0]
             if sent >= len(head):
@@ -235,6 +292,7 @@ class Connection:
     def __init__(self, server: Server, sock: trio.socket.SocketType, conn_id: int) -> None:
         self.server = server
         self.sock = sock
+        self.fd = sock.fileno()
         self.id = conn_id
         self.limits = server.limits
         self._send_lock = trio.Lock()
@@ -277,12 +335,12 @@ class Connection:
             self._handshake_scope = scope
             if self._stopping:
                 return None, b""
-            await send_all(self.sock, [hs.data_to_send()])
+            await send_all(self.fd, [hs.data_to_send()])
             while True:
                 event = hs.next_event()
                 out = hs.data_to_send()
                 if out:
-                    await send_all(self.sock, [out])
+                    await send_all(self.fd, [out])
                 if event is NEED_DATA:
                     data = await self.sock.recv(65536)
                     if not data:
@@ -325,6 +383,8 @@ class Connection:
                         log.info("conn %d: request stalled; disconnecting", self.id)
                     except ProtocolError as exc:
                         log.warning("conn %d: protocol error: %s", self.id, exc)
+                    except OSError as exc:  # reset / broken pipe: in-flight requests still finish
+                        log.debug("conn %d: transport error: %s", self.id, exc)
         finally:
             self.server.detach(export)
 
@@ -353,19 +413,82 @@ class Connection:
                     await rbuf.discard(req.payload_length, limits.request_timeout)
                 await self._send([error_reply(state.structured, req.cookie, exc.errno, exc.message)])
                 continue
+            if req.type == Cmd.READ and await self._read_inline(req, state, export):
+                continue
             cost = REQUEST_OVERHEAD + (req.length if req.type in (Cmd.READ, Cmd.WRITE) else 0)
             await self._budget.acquire(cost)
             payload: bytearray | None = None
             if req.type == Cmd.WRITE:
                 payload = self.server.pool.get(req.length)
                 try:
-                    await rbuf.read_into(memoryview(payload)[: req.length], limits.request_timeout)
+                    view = memoryview(payload)[: req.length]
+                    await rbuf.read_into(view, limits.request_timeout)
+                    done = not req.flags & CmdFlag.FUA and export.node.write_nowait(req.offset, view)
                 except BaseException:
                     self.server.pool.put(payload)
                     self._budget.release(cost)
                     raise
+                if done:
+                    self.server.pool.put(payload)
+                    self._budget.release(cost)
+                    await self._send([done_reply(state.structured, req.cookie)])
+                    continue
             self._inflight += 1
             requests.start_soon(self._serve, req, state, export, payload, cost)
+
+    async def _read_inline(self, req: Request, state: ExportState, export: Export) -> bool:
+        """Serve a READ in the reader if the node can without waiting (no task spawned)."""
+        sparse = self._sparse(req, state)
+        if req.length >= SENDFILE_MIN and state.structured:
+            mapped = export.node.sendfile_map(req.offset, req.length, sparse=sparse)
+            if mapped is not None:
+                file_fd, segments = mapped
+                await self._send_file_reply(req, file_fd, segments)
+                return True
+        pool = self.server.pool
+        buf = pool.get(req.length)
+        try:
+            view = memoryview(buf)[: req.length]
+            try:
+                segments = export.node.read_nowait(req.offset, view, sparse=sparse)
+            except OSError as exc:
+                await self._send([error_reply(state.structured, req.cookie, nbd_errno(exc),
+                                              error_message(exc))])
+                return True
+            if segments is None:
+                return False
+            await self._send(read_reply(
+                state.structured, req.cookie, req.offset, view,
+                [(g.start, g.length, g.zero) for g in segments] if sparse else None,
+            ))
+            return True
+        finally:
+            pool.put(buf)
+
+    async def _send_file_reply(self, req: Request, file_fd: int, segments: list[Segment]) -> None:
+        """Structured READ reply whose data goes file -> socket with ``sendfile``.
+
+        Chunk headers are built exactly as ``read_reply`` builds them (for an
+        empty view); the data of each OFFSET_DATA chunk follows its header.
+        A failed ``sendfile`` after a header went out cannot be reported on
+        the wire any more: the connection is closed (spec: hard disconnect).
+        """
+        triples = [(g.start, g.length, g.zero) for g in segments]
+        headers = read_reply(True, req.cookie, req.offset, memoryview(b""), triples, headers_only=True)
+        lock = self._send_lock
+        async with lock:
+            for header, (start, length, zero) in zip(headers, triples, strict=True):
+                if zero:
+                    await send_all(self.fd, [header])
+                    continue
+                # MSG_MORE queues the header with the data instead of pushing a
+                # 28-byte segment through the TCP stack on its own.
+                await send_more(self.fd, header)
+                await sendfile_all(self.fd, file_fd, req.offset + start, length)
+
+    @staticmethod
+    def _sparse(req: Request, state: ExportState) -> bool:
+        return state.structured and req.length >= SPARSE_READ_MIN and not req.flags & CmdFlag.DF
 
     async def _wait_not_idle(self, rbuf: RecvBuffer) -> bool:
         """Wait for the next request; False once idle_timeout passed with nothing in flight."""
@@ -378,8 +501,16 @@ class Connection:
                 return False
 
     async def _send(self, parts: Sequence[Buffer]) -> None:
-        async with self._send_lock:
-            await send_all(self.sock, parts)
+        lock = self._send_lock
+        if lock.locked():
+            async with lock:
+                await send_all(self.fd, parts)
+            return
+        lock.acquire_nowait()  # no checkpoint: the common, uncontended case
+        try:
+            await send_all(self.fd, parts)
+        finally:
+            lock.release()
 
     async def _serve(
         self,
@@ -425,7 +556,7 @@ class Connection:
             view = memoryview(buf)[: req.length]
             if not req.length:
                 return read_reply(structured, req.cookie, req.offset, view)
-            sparse = structured and req.length >= SPARSE_READ_MIN and not req.flags & CmdFlag.DF
+            sparse = self._sparse(req, state)
             segments = await node.read(req.offset, view, sparse=sparse)
             return read_reply(
                 structured,

@@ -165,17 +165,21 @@ def read_reply(
     offset: int,
     data: memoryview,
     segments: Iterable[tuple[int, int, bool]] | None = None,
+    *,
+    headers_only: bool = False,
 ) -> list[Buffer]:
     """Buffers answering a successful READ of ``data`` at ``offset``.
 
     ``segments`` (start, length, zero) relative to ``offset`` allow
     OFFSET_HOLE chunks for zero ranges; without them, one OFFSET_DATA chunk.
+    With ``headers_only`` the result is one header per segment and the caller
+    sends each data segment itself (``sendfile``).
     """
     if not structured:
         return [simple_reply(cookie), data]
-    if not data:
-        return [chunk_header(cookie, ReplyType.NONE, 0, True)]
     pieces = list(segments) if segments is not None else [(0, len(data), False)]
+    if not pieces or not sum(p[1] for p in pieces):
+        return [chunk_header(cookie, ReplyType.NONE, 0, True)]
     parts: list[Buffer] = []
     last = len(pieces) - 1
     for i, (start, length, zero) in enumerate(pieces):
@@ -196,7 +200,8 @@ def read_reply(
                     offset + start,
                 )
             )
-            parts.append(data[start : start + length])
+            if not headers_only:
+                parts.append(data[start : start + length])
     return parts
 
 

@@ -103,6 +103,8 @@ class FileStore(BlockNode):
         self._read_nowait = not self._inline
         self._write_nowait = not read_only and not self._inline
         self._seek_holes = not self._is_block
+        # Only trims and zeroing create holes; a fully allocated file needs no probing.
+        self._maybe_sparse = self._seek_holes and st.st_blocks * 512 < self._size
 
     # -- properties -------------------------------------------------------
     @property
@@ -125,7 +127,7 @@ class FileStore(BlockNode):
 
     async def read(self, offset: int, buf: memoryview, *, sparse: bool = False) -> list[Segment]:
         length = len(buf)
-        if not (sparse and self._seek_holes):
+        if not (sparse and self._maybe_sparse):
             await self._read_data(offset, buf)
             return [Segment(0, length, False)]
         segments = self._sparse_segments(offset, offset + length)
@@ -133,6 +135,42 @@ class FileStore(BlockNode):
             if not seg.zero:
                 await self._read_data(offset + seg.start, buf[seg.start : seg.start + seg.length])
         return segments
+
+    def read_nowait(self, offset: int, buf: memoryview, *, sparse: bool = False) -> list[Segment] | None:
+        if not (self._inline or self._read_nowait):
+            return None
+        length = len(buf)
+        segments = (
+            self._sparse_segments(offset, offset + length)
+            if sparse and self._maybe_sparse
+            else [Segment(0, length, False)]
+        )
+        for seg in segments:
+            if seg.zero:
+                continue
+            view = buf[seg.start : seg.start + seg.length]
+            if self._inline:
+                _pread_full(self._fd, view, offset + seg.start)
+            elif self._try_nowait_read(offset + seg.start, view) < seg.length:
+                return None
+        return segments
+
+    def sendfile_map(
+        self, offset: int, length: int, *, sparse: bool = False
+    ) -> tuple[int, list[Segment]] | None:
+        if not self._inline:
+            return None
+        if sparse and self._maybe_sparse:
+            return self._fd, self._sparse_segments(offset, offset + length)
+        return self._fd, [Segment(0, length, False)]
+
+    def write_nowait(self, offset: int, data: memoryview) -> bool:
+        if self._inline:
+            _pwrite_full(self._fd, data, offset)
+            return True
+        # A partial NOWAIT write is fine to report as False: the slow path
+        # rewrites the whole range with the same bytes.
+        return self._write_nowait and self._try_nowait_write(offset, data) == len(data)
 
     async def _read_data(self, offset: int, buf: memoryview) -> None:
         done = self._try_nowait_read(offset, buf) if self._read_nowait else 0
@@ -258,6 +296,7 @@ class FileStore(BlockNode):
         for mode in modes:
             try:
                 fallocate(self._fd, mode, offset, length)
+                self._maybe_sparse = self._seek_holes  # ext4 reports zeroed ranges as holes too
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -278,6 +317,7 @@ class FileStore(BlockNode):
     def _trim_sync(self, offset: int, length: int) -> None:
         try:
             fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            self._maybe_sparse = self._seek_holes
         except OSError as exc:
             # TRIM is advisory: a filesystem without hole punching keeps the data.
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):

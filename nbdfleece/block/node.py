@@ -112,12 +112,37 @@ class BlockNode(abc.ABC):
         never reported with ``AllocationState.ZERO``.
         """
 
+    def read_nowait(self, offset: int, buf: memoryview, *, sparse: bool = False) -> list[Segment] | None:
+        """Synchronous fast path: ``read`` if it needs no waiting, else None.
+
+        None means "use ``read``" and leaves ``buf`` in an unspecified state.
+        The server serves such requests inline, without a task per request.
+        """
+        return None
+
+    def write_nowait(self, offset: int, data: memoryview) -> bool:
+        """Synchronous fast path for a non-FUA ``write``; False means "use ``write``"."""
+        return False
+
+    def sendfile_map(
+        self, offset: int, length: int, *, sparse: bool = False
+    ) -> tuple[int, list[Segment]] | None:
+        """Zero-copy fast path: ``(fd, segments)`` when the range's bytes are
+        exactly those of file ``fd`` at the same offsets and can be sent with
+        ``sendfile`` without waiting for a disk; None otherwise."""
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; the default has none."""
 
 
 class Layer(BlockNode):
-    """A node that passes every request to ``child`` unless it overrides it."""
+    """A node that passes every request to ``child`` unless it overrides it.
+
+    A layer that changes what reads return must override ``read``,
+    ``read_nowait`` and ``sendfile_map`` together; one that must see every
+    write overrides ``write`` and ``write_nowait``.
+    """
 
     def __init__(self, name: str, child: BlockNode) -> None:
         super().__init__(name)
@@ -140,6 +165,17 @@ class Layer(BlockNode):
 
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
         await self.child.write(offset, data, fua=fua)
+
+    def read_nowait(self, offset: int, buf: memoryview, *, sparse: bool = False) -> list[Segment] | None:
+        return self.child.read_nowait(offset, buf, sparse=sparse)
+
+    def write_nowait(self, offset: int, data: memoryview) -> bool:
+        return self.child.write_nowait(offset, data)
+
+    def sendfile_map(
+        self, offset: int, length: int, *, sparse: bool = False
+    ) -> tuple[int, list[Segment]] | None:
+        return self.child.sendfile_map(offset, length, sparse=sparse)
 
     async def write_zeroes(
         self, offset: int, length: int, *, may_trim: bool, fua: bool = False, fast: bool = False
