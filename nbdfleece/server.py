@@ -442,13 +442,13 @@ class Connection:
         if req.length >= SENDFILE_MIN and state.structured:
             mapped = export.node.sendfile_map(req.offset, req.length, sparse=sparse)
             if mapped is not None:
-                file_fd, segments = mapped
-                await self._send_file_reply(req, file_fd, segments)
+                await self._send_file_reply(req, *mapped)
                 return True
         pool = self.server.pool
         buf = pool.get(req.length)
         try:
             view = memoryview(buf)[: req.length]
+            segments: list[Segment] | None
             try:
                 segments = export.node.read_nowait(req.offset, view, sparse=sparse)
             except OSError as exc:
