@@ -18,19 +18,23 @@ from collections.abc import Sequence
 import trio
 
 from nbdfleece import __version__
-from nbdfleece.block.file import FileStore
 from nbdfleece.config import (
     DEFAULT_DATA_DIR,
     DEFAULT_LISTEN,
     DEMO_EXPORT,
     DEMO_SIZE,
+    BitmapConfig,
     ExportConfig,
     ServerConfig,
     load_file,
+    parse_bitmap_spec,
     parse_export_spec,
 )
+from nbdfleece.daemon import Daemon
 from nbdfleece.errors import ConfigError
-from nbdfleece.exports import Export, ExportRegistry
+from nbdfleece.exports import ExportRegistry
+from nbdfleece.graph import ControlError
+from nbdfleece.qmp.server import serve_qmp
 from nbdfleece.server import (
     Limits,
     Server,
@@ -62,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--export", action="append", default=[], metavar="SPEC",
         help="NAME=PATH[,readonly][,create=SIZE][,description=TEXT]; repeatable",
     )
+    serve.add_argument(
+        "--bitmap", action="append", default=[], metavar="SPEC",
+        help="NODE:NAME[,granularity=SIZE][,persistent][,disabled]: a dirty bitmap on the node "
+        "of export NODE; repeatable",
+    )
+    serve.add_argument(
+        "--qmp", action="append", default=[], metavar="ADDR", nargs="?", const="",
+        help="QMP monitor on unix:PATH (mode 0600) or HOST:PORT (loopback only); "
+        "bare --qmp uses unix:DATA_DIR/qmp.sock",
+    )
     serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
     serve.add_argument(
         "--data-dir", metavar="DIR",
@@ -81,17 +95,26 @@ def resolve_config(args: argparse.Namespace, argv: Sequence[str]) -> ServerConfi
     cfg = load_file(args.config) if args.config else ServerConfig()
     listen = list(cfg.listen) + list(args.listen)
     exports = list(cfg.exports) + [parse_export_spec(s) for s in args.export]
-    if not argv[1:] or (not exports and not listen and not args.config):
-        data_dir = args.data_dir or os.environ.get("NBDFLEECE_DATA") or DEFAULT_DATA_DIR
+    bitmaps = list(cfg.bitmaps) + [parse_bitmap_spec(s) for s in args.bitmap]
+    data_dir = args.data_dir or os.environ.get("NBDFLEECE_DATA") or DEFAULT_DATA_DIR
+    default_qmp = "unix:" + os.path.join(data_dir, "qmp.sock")
+    qmp = list(cfg.qmp) + [a or default_qmp for a in args.qmp]
+    if not argv[1:]:
+        # The embedded default: a demo disk, its QMP monitor in the data folder.
         exports = [ExportConfig(
             DEMO_EXPORT, os.path.join(data_dir, "demo.raw"),
             description="nbdfleece demo disk", create=DEMO_SIZE,
         )]
+        qmp = [default_qmp]
+    elif not exports and not listen and not qmp and not args.config:
+        raise ConfigError("nothing to serve: give --export, --listen, --qmp or --config "
+                          "(or no arguments at all for the demo)")
     names = [e.name for e in exports]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
         raise ConfigError(f"export names used twice: {sorted(duplicates)}")
-    if not listen and "LISTEN_FDS" not in os.environ:
+    if not listen and "LISTEN_FDS" not in os.environ and (exports or not qmp):
+        # As qemu-storage-daemon: with only --qmp, NBD waits for nbd-server-start.
         listen = [DEFAULT_LISTEN]
     overrides = {
         k: v for k, v in {
@@ -104,53 +127,78 @@ def resolve_config(args: argparse.Namespace, argv: Sequence[str]) -> ServerConfi
         if value < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must not be negative")
     limits: Limits = dataclasses.replace(cfg.limits, **overrides)
-    return ServerConfig(tuple(listen), tuple(exports), limits)
+    return ServerConfig(tuple(listen), tuple(exports), limits, tuple(bitmaps), tuple(qmp))
 
 
-def open_exports(exports: Sequence[ExportConfig]) -> ExportRegistry:
-    registry = ExportRegistry()
-    for ec in exports:
+def open_exports(daemon: Daemon, cfg: ServerConfig) -> None:
+    """Build one file node per export (named after it), its bitmaps, and the exports."""
+    graph = daemon.graph
+    for ec in cfg.exports:
         if ec.create is not None and not os.path.exists(ec.path):
             os.makedirs(os.path.dirname(os.path.abspath(ec.path)), exist_ok=True)
             with open(ec.path, "xb") as f:
                 f.truncate(ec.create)
             log.info("created sparse image %s (%d bytes)", ec.path, ec.create)
         try:
-            node = FileStore(ec.name, ec.path, read_only=ec.readonly)
-        except OSError as exc:
-            raise ConfigError(f"export '{ec.name}': cannot open {ec.path}: {exc.strerror}") from None
-        registry.add(Export(ec.name, node, read_only=ec.readonly, description=ec.description))
-    return registry
+            graph.add_file(ec.name, ec.path, read_only=ec.readonly)
+        except ControlError as exc:
+            raise ConfigError(f"export '{ec.name}': {exc.desc}") from None
+    wanted = list(cfg.bitmaps) + [
+        BitmapConfig(ec.name, b) for ec in cfg.exports for b in ec.bitmaps
+    ]
+    for bc in wanted:
+        node = graph.nodes.get(bc.node)
+        if node is None:
+            raise ConfigError(f"bitmap {bc.node}:{bc.name}: no export named '{bc.node}'")
+        if bc.name in node.bitmaps:
+            continue  # persisted from an earlier run
+        try:
+            graph.bitmap_add(bc.node, bc.name, granularity=bc.granularity,
+                             persistent=bc.persistent, disabled=bc.disabled)
+        except ControlError as exc:
+            raise ConfigError(f"bitmap {bc.node}:{bc.name}: {exc.desc}") from None
+    for ec in cfg.exports:
+        try:
+            daemon.add_export(ec.name, ec.name, name=ec.name, description=ec.description,
+                              writable=not ec.readonly, bitmaps=list(ec.bitmaps),
+                              allocation_depth=ec.allocation_depth)
+        except ControlError as exc:
+            raise ConfigError(f"export '{ec.name}': {exc.desc}") from None
 
 
 async def run(cfg: ServerConfig) -> None:
-    registry = open_exports(cfg.exports)
     listeners = systemd_listeners()
     for spec in cfg.listen:
         try:
             listeners.append(open_listener(spec))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot listen on {spec}: {exc}") from None
-    server = Server(registry, cfg.limits)
+    server = Server(ExportRegistry(), cfg.limits)
+    daemon = Daemon(server)
     try:
+        open_exports(daemon, cfg)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listeners)
                 for lsock in listeners:
                     log.info("listening on %s", describe_listener(lsock))
-                for export in registry:
+                for record in daemon.exports.values():
+                    export = record.export
                     log.info(
                         "export '%s': %s (%d bytes%s)", export.name,
-                        getattr(export.node, "path", export.node.name), export.node.size,
+                        getattr(record.node.image(), "path", record.node.name), export.node.size,
                         ", read-only" if export.read_only else "",
                     )
-                async for signum in signals:
-                    log.info("%s received: stopping gracefully", signal.Signals(signum).name)
-                    server.shutdown()
-                    break
+                async with trio.open_nursery() as monitors:
+                    for address in cfg.qmp:
+                        await monitors.start(serve_qmp, daemon, address)
+                    async for signum in signals:
+                        log.info("%s received: stopping gracefully", signal.Signals(signum).name)
+                        server.shutdown()  # serve() drains NBD connections, then returns
+                        monitors.cancel_scope.cancel()
+                        break
     finally:
-        for export in registry:
-            await export.node.close()
+        await daemon.close()
     log.info("stopped")
 
 

@@ -15,6 +15,8 @@ A config file looks like::
     readonly = false
     description = "the live disk"
     create = "64M"              # create a sparse image of this size if missing
+    bitmaps = ["bm0"]           # offered as qemu:dirty-bitmap:bm0 (created if missing)
+    allocation-depth = false    # offer qemu:allocation-depth
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class ExportConfig:
     description: str = ""
     create: int | None = None
     """Create a sparse image of this many bytes when ``path`` is missing."""
+    bitmaps: tuple[str, ...] = ()
+    """Bitmaps offered as ``qemu:dirty-bitmap:NAME`` (created recording if missing)."""
+    allocation_depth: bool = False
 
     def __post_init__(self) -> None:
         if len(self.name.encode()) > MAX_STRING or "\0" in self.name:
@@ -55,10 +60,43 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class BitmapConfig:
+    """A bitmap declared at start-up on the node of an export."""
+
+    node: str
+    name: str
+    granularity: int | None = None
+    persistent: bool = False
+    disabled: bool = False
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen: tuple[str, ...] = ()
     exports: tuple[ExportConfig, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    bitmaps: tuple[BitmapConfig, ...] = ()
+    qmp: tuple[str, ...] = ()
+
+
+def parse_bitmap_spec(spec: str) -> BitmapConfig:
+    """``NODE:NAME[,granularity=SIZE][,persistent][,disabled]`` (NODE: an export name)."""
+    head, *options = spec.split(",")
+    node, sep, name = head.partition(":")
+    if not sep or not node or not name:
+        raise ConfigError(f"--bitmap wants NODE:NAME[,options], not {spec!r}")
+    granularity, persistent, disabled = None, False, False
+    for option in options:
+        key, _, value = option.partition("=")
+        if key == "granularity" and value:
+            granularity = parse_size(value)
+        elif key == "persistent" and not value:
+            persistent = True
+        elif key == "disabled" and not value:
+            disabled = True
+        else:
+            raise ConfigError(f"unknown bitmap option {option!r} in {spec!r}")
+    return BitmapConfig(node, name, granularity, persistent, disabled)
 
 
 def parse_size(text: str) -> int:
@@ -71,7 +109,7 @@ def parse_size(text: str) -> int:
 
 
 def parse_export_spec(spec: str) -> ExportConfig:
-    """``NAME=PATH[,readonly][,create=SIZE][,description=TEXT]``.
+    """``NAME=PATH[,readonly][,create=SIZE][,bitmap=NAME]...[,allocation-depth][,description=TEXT]``.
 
     ``description=`` must come last: its text runs to the end, commas included.
     """
@@ -83,16 +121,21 @@ def parse_export_spec(spec: str) -> ExportConfig:
     if sep:
         description = tail
     path, *options = head.split(",")
-    readonly, create = False, None
+    readonly, create, depth = False, None, False
+    bitmaps: list[str] = []
     for option in options:
         key, _, value = option.partition("=")
         if key in ("readonly", "ro") and not value:
             readonly = True
         elif key == "create" and value:
             create = parse_size(value)
+        elif key == "bitmap" and value:
+            bitmaps.append(value)
+        elif key == "allocation-depth" and not value:
+            depth = True
         else:
             raise ConfigError(f"unknown export option {option!r} in {spec!r}")
-    return ExportConfig(name, path, readonly, description, create)
+    return ExportConfig(name, path, readonly, description, create, tuple(bitmaps), depth)
 
 
 def load_file(path: str) -> ServerConfig:
@@ -105,7 +148,7 @@ def load_file(path: str) -> ServerConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     base = os.path.dirname(os.path.abspath(path))
-    unknown = set(doc) - {"listen", "export", "limits"}
+    unknown = set(doc) - {"listen", "export", "limits", "qmp"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     listen = doc.get("listen", [])
@@ -117,7 +160,8 @@ def load_file(path: str) -> ServerConfig:
     for item in doc.get("export", []):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise ConfigError(f"{path}: every [[export]] needs a name")
-        extra = set(item) - {"name", "path", "readonly", "description", "create"}
+        extra = set(item) - {"name", "path", "readonly", "description", "create", "bitmaps",
+                             "allocation-depth"}
         if extra:
             raise ConfigError(f"{path}: export '{item['name']}': unknown keys {sorted(extra)}")
         create = item.get("create")
@@ -127,6 +171,8 @@ def load_file(path: str) -> ServerConfig:
             readonly=bool(item.get("readonly", False)),
             description=str(item.get("description", "")),
             create=parse_size(str(create)) if create is not None else None,
+            bitmaps=tuple(str(b) for b in item.get("bitmaps", [])),
+            allocation_depth=bool(item.get("allocation-depth", False)),
         ))
     limits = Limits()
     raw_limits = doc.get("limits", {})
@@ -135,4 +181,7 @@ def load_file(path: str) -> ServerConfig:
         raise ConfigError(f"{path}: [limits] keys must be among {sorted(known)}")
     if raw_limits:
         limits = Limits(**{k: type(getattr(limits, k))(v) for k, v in raw_limits.items()})
-    return ServerConfig(tuple(listen), tuple(exports), limits)
+    qmp = doc.get("qmp", [])
+    if isinstance(qmp, str):
+        qmp = [qmp]
+    return ServerConfig(tuple(listen), tuple(exports), limits, qmp=tuple(qmp))

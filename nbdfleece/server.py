@@ -31,7 +31,7 @@ import itertools
 import logging
 import os
 import socket as _stdsocket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -615,6 +615,8 @@ class Server:
         self._connections: set[Connection] = set()
         self._ids = itertools.count(1)
         self._accept_scope: trio.CancelScope | None = None
+        self._accept_nursery: trio.Nursery | None = None
+        self._conn_nursery: trio.Nursery | None = None
         self._nodes_in_use: dict[BlockNode, int] = {}
         self._shutdown_requested = False
 
@@ -643,21 +645,37 @@ class Server:
         async with trio.open_nursery() as conn_nursery:
             async with trio.open_nursery() as accept_nursery:
                 self._accept_scope = accept_nursery.cancel_scope
+                self._accept_nursery, self._conn_nursery = accept_nursery, conn_nursery
                 if self._shutdown_requested:
                     accept_nursery.cancel_scope.cancel()
                 for lsock in listeners:
-                    accept_nursery.start_soon(self._accept_loop, lsock, conn_nursery)
-                # Connections may also arrive without listeners (socket pairs,
-                # later QMP-added servers): run until shutdown() either way.
+                    self.add_listener(lsock)
+                # Listeners may come and go (QMP nbd-server-start/stop), and
+                # connections may arrive without one: run until shutdown().
                 accept_nursery.start_soon(trio.sleep_forever)
                 task_status.started()
-            for lsock in listeners:
-                lsock.close()
             log.info("stopping: %d connection(s) finishing", len(self._connections))
             for conn in list(self._connections):
                 conn.stop()
             conn_nursery.cancel_scope.deadline = trio.current_time() + self.limits.shutdown_grace
         await self.flush_all()
+
+    def add_listener(self, lsock: trio.socket.SocketType) -> Callable[[], None]:
+        """Accept on ``lsock`` while serving; returns a function that stops it."""
+        if self._accept_nursery is None or self._conn_nursery is None:
+            raise RuntimeError("the server is not running")
+        scope = trio.CancelScope()
+        conn_nursery = self._conn_nursery
+
+        async def accept() -> None:
+            try:
+                with scope:
+                    await self._accept_loop(lsock, conn_nursery)
+            finally:
+                lsock.close()
+
+        self._accept_nursery.start_soon(accept)
+        return scope.cancel
 
     async def flush_all(self) -> None:
         for export in self.registry:

@@ -338,6 +338,9 @@ class FileStore(BlockNode):
         return [Extent(s.length, hole if s.zero else AllocationState(0)) for s in segments]
 
     async def close(self) -> None:
+        self.close_sync()
+
+    def close_sync(self) -> None:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)

@@ -1,0 +1,312 @@
+"""The block graph: named nodes, their dirty bitmaps, and bitmap operations.
+
+Every node is topped by a :class:`DirtyTracking` layer, so bitmaps can live on
+any node and see every write that passes through it.  Drivers today:
+
+* ``file``: a :class:`FileStore` on a raw image or block device;
+* ``raw``: the format node over a ``file`` node (a pass-through).
+
+Bitmap operations carry QEMU 7.2's error texts and return an *undo*
+callable, so a QMP ``transaction`` can roll back every action it already
+applied when a later one fails (all-or-nothing).
+
+Persistent bitmaps belong to an image file (see ``persistence.py``).  They
+are loaded into the ``file`` node that opens the image and move up to the
+``raw`` node created over it, where QEMU keeps them on its format node.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from nbdfleece import persistence
+from nbdfleece.bitmap import DEFAULT_GRANULARITY, DirtyBitmap, valid_granularity
+from nbdfleece.block.file import FileStore
+from nbdfleece.block.node import Layer
+from nbdfleece.block.tracking import DirtyTracking
+
+log = logging.getLogger(__name__)
+
+Undo = Callable[[], None]
+MAX_BITMAP_NAME = 1023
+
+
+class ControlError(Exception):
+    """A refused management operation, worded as QEMU words it."""
+
+    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
+        super().__init__(desc)
+        self.desc = desc
+        self.error_class = error_class
+
+
+@dataclass(eq=False)
+class GraphNode:
+    name: str
+    driver: str
+    top: DirtyTracking
+    children: list[GraphNode] = field(default_factory=list)
+    store: FileStore | None = None
+    users: int = 0
+    """Parents and exports using this node: it cannot be deleted while > 0."""
+
+    @property
+    def bitmaps(self) -> dict[str, DirtyBitmap]:
+        return self.top.bitmaps
+
+    def image(self) -> FileStore | None:
+        """The file store at the bottom of this node's chain."""
+        if self.store is not None:
+            return self.store
+        for child in self.children:
+            found = child.image()
+            if found is not None:
+                return found
+        return None
+
+
+class RawFormat(Layer):
+    """The ``raw`` driver: bytes pass through unchanged."""
+
+
+class BlockGraph:
+    """All nodes by node-name."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, GraphNode] = {}
+
+    def __iter__(self) -> Iterator[GraphNode]:
+        return iter(list(self.nodes.values()))
+
+    # -- nodes ------------------------------------------------------------------
+    def node(self, name: str) -> GraphNode:
+        found = self.nodes.get(name)
+        if found is None:
+            raise ControlError(f"Cannot find device='{name}' nor node-name='{name}'")
+        return found
+
+    def _check_new_name(self, name: str) -> None:
+        if not name:
+            raise ControlError("node-name cannot be empty")
+        if name in self.nodes:
+            raise ControlError(f"Duplicate nodes with node-name='{name}'")
+
+    def add_file(self, name: str, filename: str, *, read_only: bool = False) -> GraphNode:
+        self._check_new_name(name)
+        try:
+            store = FileStore(name, filename, read_only=read_only)
+        except OSError as exc:
+            raise ControlError(f"Could not open '{filename}': {exc.strerror}") from None
+        node = GraphNode(name, "file", DirtyTracking(name, store), store=store)
+        try:
+            bitmaps, crashed = persistence.load(filename, store.size)
+        except persistence.BitmapFileError as exc:
+            store.close_sync()
+            raise ControlError(str(exc)) from None
+        if crashed:
+            log.warning(
+                "%s was not closed cleanly: %d persistent bitmap(s) marked inconsistent",
+                filename, len(bitmaps),
+            )
+        node.bitmaps.update((b.name, b) for b in bitmaps)
+        self.nodes[name] = node
+        if bitmaps and not read_only:
+            self._mark_in_use(node)
+        return node
+
+    def add_raw(self, name: str, file: GraphNode) -> GraphNode:
+        self._check_new_name(name)
+        node = GraphNode(name, "raw", DirtyTracking(name, RawFormat(name, file.top)), children=[file])
+        # Persistent bitmaps of the image live on its format node, as in QEMU.
+        for bname, bitmap in list(file.bitmaps.items()):
+            if bitmap.persistent:
+                node.bitmaps[bname] = file.bitmaps.pop(bname)
+        file.users += 1
+        self.nodes[name] = node
+        return node
+
+    async def remove(self, name: str) -> None:
+        node = self.node(name)
+        if node.users:
+            raise ControlError(f"Node '{name}' is busy: block device is in use")
+        for bitmap in node.bitmaps.values():
+            if bitmap.busy:
+                raise ControlError(f"Node '{name}' is busy: bitmap '{bitmap.name}' is in use")
+        self.save_bitmaps(node, clean=True)
+        del self.nodes[name]
+        for child in node.children:
+            child.users -= 1
+            self._restore_persistent(node, child)
+        if node.store is not None:
+            await node.store.close()
+
+    def _restore_persistent(self, parent: GraphNode, child: GraphNode) -> None:
+        for bname, bitmap in list(parent.bitmaps.items()):
+            if bitmap.persistent:
+                child.bitmaps.setdefault(bname, bitmap)
+
+    # -- persistence --------------------------------------------------------------
+    def _image_nodes(self, store: FileStore) -> list[GraphNode]:
+        return [n for n in self.nodes.values() if n.image() is store]
+
+    def save_bitmaps(self, node: GraphNode, *, clean: bool) -> None:
+        """Write the sidecar of ``node``'s image (in_use unless ``clean``)."""
+        store = node.image()
+        if store is None or store.read_only:
+            return
+        bitmaps = [b for n in self._image_nodes(store) for b in n.bitmaps.values()]
+        try:
+            persistence.save(store.path, store.size, bitmaps, in_use=not clean)
+        except OSError as exc:
+            raise ControlError(f"Can't store persistent bitmaps to {node.name}: {exc.strerror}") from None
+
+    def _mark_in_use(self, node: GraphNode) -> None:
+        self.save_bitmaps(node, clean=False)
+
+    async def close(self) -> None:
+        """Clean shutdown: persist exact bitmap contents, then close the files."""
+        done: set[int] = set()
+        for node in self:
+            store = node.image()
+            if store is None or id(store) in done:
+                continue
+            done.add(id(store))
+            try:
+                self.save_bitmaps(node, clean=True)
+            except ControlError as exc:
+                log.error("%s", exc.desc)
+        for node in self:
+            if node.store is not None:
+                await node.store.close()
+
+    # -- bitmap lookups -----------------------------------------------------------
+    def bitmap(self, node: str, name: str) -> DirtyBitmap:
+        found = self.node(node).bitmaps.get(name)
+        if found is None:
+            raise ControlError(f"Dirty bitmap '{name}' not found")
+        return found
+
+    @staticmethod
+    def _usable(bitmap: DirtyBitmap, *, modify: bool) -> None:
+        if bitmap.inconsistent:
+            raise ControlError(f"Bitmap '{bitmap.name}' is inconsistent and cannot be used")
+        if modify and bitmap.busy:
+            raise ControlError(
+                f"Bitmap '{bitmap.name}' is currently in use by another operation and cannot be used"
+            )
+
+    # -- bitmap operations (each returns its undo) -----------------------------
+    def bitmap_add(
+        self,
+        node: str,
+        name: str,
+        *,
+        granularity: int | None = None,
+        persistent: bool = False,
+        disabled: bool = False,
+    ) -> Undo:
+        target = self.node(node)
+        if not name:
+            raise ControlError("Bitmap name cannot be empty")
+        if len(name.encode()) > MAX_BITMAP_NAME:
+            raise ControlError(f"Bitmap name too long: {name}")
+        if name in target.bitmaps:
+            raise ControlError(f"Bitmap already exists: {name}")
+        gran = DEFAULT_GRANULARITY if granularity is None else granularity
+        if not valid_granularity(gran):
+            raise ControlError("Granularity must be power of 2 and at least 512")
+        if persistent and (target.image() is None or target.top.read_only):
+            raise ControlError(f"Can't store persistent bitmaps to {node}: Operation not supported")
+        bitmap = DirtyBitmap(name, target.top.size, gran, recording=not disabled, persistent=persistent)
+        target.bitmaps[name] = bitmap
+        if persistent:
+            self._mark_in_use(target)
+
+        def undo() -> None:
+            target.bitmaps.pop(name, None)
+            if persistent:
+                self._mark_in_use(target)
+
+        return undo
+
+    def bitmap_remove(self, node: str, name: str) -> Undo:
+        target = self.node(node)
+        bitmap = self.bitmap(node, name)
+        if bitmap.busy:
+            self._usable(bitmap, modify=True)
+        del target.bitmaps[name]
+        if bitmap.persistent:
+            self._mark_in_use(target)
+
+        def undo() -> None:
+            target.bitmaps[name] = bitmap
+            if bitmap.persistent:
+                self._mark_in_use(target)
+
+        return undo
+
+    def bitmap_clear(self, node: str, name: str) -> Undo:
+        bitmap = self.bitmap(node, name)
+        self._usable(bitmap, modify=True)
+        saved = bitmap.bits.copy()
+        bitmap.clear()
+
+        def undo() -> None:
+            bitmap.bits = saved
+
+        return undo
+
+    def bitmap_enable(self, node: str, name: str, enable: bool = True) -> Undo:
+        bitmap = self.bitmap(node, name)
+        self._usable(bitmap, modify=True)
+        before = bitmap.recording
+        bitmap.recording = enable
+
+        def undo() -> None:
+            bitmap.recording = before
+
+        return undo
+
+    def bitmap_merge(self, node: str, target: str, sources: list[str | dict[str, str]]) -> Undo:
+        dest = self.bitmap(node, target)
+        self._usable(dest, modify=True)
+        resolved = []
+        for src in sources:
+            if isinstance(src, str):
+                bitmap = self.bitmap(node, src)
+            else:
+                bitmap = self.bitmap(src["node"], src["name"])
+            self._usable(bitmap, modify=False)
+            if bitmap.size != dest.size:
+                raise ControlError(
+                    f"Bitmap '{bitmap.name}' has a different size than '{dest.name}'"
+                )
+            resolved.append(bitmap)
+        saved = dest.bits.copy()
+        for bitmap in resolved:
+            dest.merge_from(bitmap)
+
+        def undo() -> None:
+            dest.bits = saved
+
+        return undo
+
+    def bitmap_info(self, node: GraphNode) -> list[dict[str, object]]:
+        """``BlockDirtyInfo`` for every bitmap of ``node`` (QEMU's field order)."""
+        out: list[dict[str, object]] = []
+        for b in node.bitmaps.values():
+            info: dict[str, object] = {
+                "name": b.name,
+                "recording": b.recording,
+                "persistent": b.persistent,
+                "busy": bool(b.busy),
+                "granularity": b.granularity,
+                "count": b.count(),
+            }
+            if b.inconsistent:
+                info["inconsistent"] = True
+            out.append(info)
+        return out
+

@@ -1,0 +1,1 @@
+"""QEMU Machine Protocol control channel."""
