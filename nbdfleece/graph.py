@@ -274,10 +274,8 @@ class BlockGraph:
         self._usable(dest, modify=True)
         resolved = []
         for src in sources:
-            if isinstance(src, str):
-                bitmap = self.bitmap(node, src)
-            else:
-                bitmap = self.bitmap(src["node"], src["name"])
+            src_node, src_name = (node, src) if isinstance(src, str) else (src["node"], src["name"])
+            bitmap = self.bitmap(src_node, src_name)
             self._usable(bitmap, modify=False)
             if bitmap.size != dest.size:
                 raise ControlError(
