@@ -105,9 +105,19 @@ class DirtyBitmap:
 
     def extents(self, offset: int, length: int, *, max_extents: int = MAX_EXTENTS) -> list[tuple[int, int]]:
         """``(length, flags)`` runs from ``offset``, covering at most ``length`` bytes."""
+        array = self.extent_array(offset, length, max_extents=max_extents)
+        return list(zip(array[:, 0].tolist(), array[:, 1].tolist(), strict=True))
+
+    def extent_array(
+        self, offset: int, length: int, *, max_extents: int = MAX_EXTENTS
+    ) -> npt.NDArray[np.int64]:
+        """:meth:`extents` as an ``(n, 2)`` array, for block status without Python loops."""
         lo, hi, flags = self._runs(offset, length)
         n = min(len(lo), max_extents)
-        return list(zip((hi[:n] - lo[:n]).tolist(), flags[:n].tolist(), strict=True))
+        out = np.empty((n, 2), dtype=np.int64)
+        out[:, 0] = hi[:n] - lo[:n]
+        out[:, 1] = flags[:n]
+        return out
 
     def dirty_ranges(self) -> list[tuple[int, int]]:
         """``(offset, length)`` of every dirty run (for tools and tests)."""

@@ -99,16 +99,14 @@ def resolve_config(args: argparse.Namespace, argv: Sequence[str]) -> ServerConfi
     data_dir = args.data_dir or os.environ.get("NBDFLEECE_DATA") or DEFAULT_DATA_DIR
     default_qmp = "unix:" + os.path.join(data_dir, "qmp.sock")
     qmp = list(cfg.qmp) + [a or default_qmp for a in args.qmp]
-    if not argv[1:]:
-        # The embedded default: a demo disk, its QMP monitor in the data folder.
+    if not exports and not listen and not qmp and not args.config and not bitmaps:
+        # The embedded default (options like --data-dir or --log-level aside):
+        # a demo disk, its QMP monitor in the data folder.
         exports = [ExportConfig(
             DEMO_EXPORT, os.path.join(data_dir, "demo.raw"),
             description="nbdfleece demo disk", create=DEMO_SIZE,
         )]
         qmp = [default_qmp]
-    elif not exports and not listen and not qmp and not args.config:
-        raise ConfigError("nothing to serve: give --export, --listen, --qmp or --config "
-                          "(or no arguments at all for the demo)")
     names = [e.name for e in exports]
     duplicates = {n for n in names if names.count(n) > 1}
     if duplicates:
@@ -219,5 +217,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(run, cfg)
     except ConfigError as exc:
         print(f"nbdfleece: {exc}", file=sys.stderr)
+        return 2
+    except BaseExceptionGroup as group:  # raised inside a nursery (QMP listener set-up)
+        config_errors, rest = group.split(ConfigError)
+        if config_errors is None or rest is not None:
+            raise
+        first: BaseException = config_errors
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        print(f"nbdfleece: {first}", file=sys.stderr)
         return 2
     return 0

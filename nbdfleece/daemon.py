@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from nbdfleece.bitmap import DirtyBitmap
 from nbdfleece.constants import QEMU_ALLOCATION_DEPTH, QEMU_DIRTY_BITMAP_PREFIX, AllocationState
 from nbdfleece.exports import Export, ExportRegistry, ExtentProvider
+from nbdfleece.extents import ExtentArray, as_extents
 from nbdfleece.graph import BlockGraph, ControlError, GraphNode
+from nbdfleece.qmp.events import EventBroadcaster
 from nbdfleece.server import Server, describe_listener, open_listener
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,8 @@ class ExportRecord:
 
 
 def bitmap_provider(bitmap: DirtyBitmap) -> ExtentProvider:
-    async def extents(offset: int, length: int) -> list[tuple[int, int]]:
-        return bitmap.extents(offset, length)
+    async def extents(offset: int, length: int) -> ExtentArray:
+        return bitmap.extent_array(offset, length)
 
     return extents
 
@@ -43,11 +45,9 @@ def bitmap_provider(bitmap: DirtyBitmap) -> ExtentProvider:
 def allocation_depth_provider(node: GraphNode) -> ExtentProvider:
     """``qemu:allocation-depth``: 1 where this node holds data, 0 for holes."""
 
-    async def extents(offset: int, length: int) -> list[tuple[int, int]]:
-        return [
-            (e.length, 0 if e.flags & AllocationState.HOLE else 1)
-            for e in await node.top.block_status(offset, length)
-        ]
+    async def extents(offset: int, length: int) -> ExtentArray:
+        found = await node.top.block_status(offset, length)
+        return as_extents((e.length, 0 if e.flags & AllocationState.HOLE else 1) for e in found)
 
     return extents
 
@@ -62,6 +62,8 @@ class Daemon:
         self.exports: dict[str, ExportRecord] = {}
         self._nbd_listeners: list[Callable[[], None]] = []
         self.nbd_addresses: list[str] = []
+        self.events = EventBroadcaster()
+        """QMP events (``emit_event(name, data)``) go to every connected monitor."""
 
     # -- exports -------------------------------------------------------------------
     def add_export(
@@ -125,6 +127,7 @@ class Daemon:
         record.node.users -= 1
         del self.exports[export_id]
         log.info("export '%s' removed", record.export.name)
+        self.events.emit_event("BLOCK_EXPORT_DELETED", {"id": export_id})
 
     # -- NBD listeners -------------------------------------------------------------
     def nbd_server_start(self, addresses: list[str]) -> None:

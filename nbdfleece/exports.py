@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 from nbdfleece.block.node import BlockNode
 from nbdfleece.constants import BASE_ALLOCATION
+from nbdfleece.extents import ExtentArray, as_extents
 
-ExtentProvider = Callable[[int, int], Awaitable[list[tuple[int, int]]]]
+ExtentProvider = Callable[[int, int], Awaitable[ExtentArray]]
+"""(offset, length) -> extent array ``(n, 2)`` of (length, flags) from ``offset``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +56,11 @@ class Export:
             contexts=(BASE_ALLOCATION, *self.providers),
         )
 
-    async def extents(self, context: str, offset: int, length: int) -> list[tuple[int, int]]:
+    async def extents(self, context: str, offset: int, length: int) -> ExtentArray:
         """(length, flags) extents of ``context`` from ``offset``."""
         if context == BASE_ALLOCATION:
-            return [(e.length, int(e.flags)) for e in await self.node.block_status(offset, length)]
+            found = await self.node.block_status(offset, length)
+            return as_extents((e.length, int(e.flags)) for e in found)
         return await self.providers[context](offset, length)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from nbdfleece import persistence
 from nbdfleece.bitmap import DEFAULT_GRANULARITY, DirtyBitmap, valid_granularity
 from nbdfleece.block.file import FileStore
-from nbdfleece.block.node import Layer
+from nbdfleece.block.node import BlockNode, Layer
 from nbdfleece.block.tracking import DirtyTracking
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ class GraphNode:
     store: FileStore | None = None
     users: int = 0
     """Parents and exports using this node: it cannot be deleted while > 0."""
+    implicit: bool = False
+    """Created inline as another node's child (QMP ``blockdev-add`` with a ``file``
+    object): not deletable by itself, it goes away with its parent."""
 
     @property
     def bitmaps(self) -> dict[str, DirtyBitmap]:
@@ -69,6 +72,14 @@ class GraphNode:
 
 class RawFormat(Layer):
     """The ``raw`` driver: bytes pass through unchanged."""
+
+    def __init__(self, name: str, child: BlockNode, *, read_only: bool = False) -> None:
+        super().__init__(name, child)
+        self._read_only = read_only
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only or self.child.read_only
 
 
 class BlockGraph:
@@ -116,9 +127,10 @@ class BlockGraph:
             self._mark_in_use(node)
         return node
 
-    def add_raw(self, name: str, file: GraphNode) -> GraphNode:
+    def add_raw(self, name: str, file: GraphNode, *, read_only: bool = False) -> GraphNode:
         self._check_new_name(name)
-        node = GraphNode(name, "raw", DirtyTracking(name, RawFormat(name, file.top)), children=[file])
+        raw = RawFormat(name, file.top, read_only=read_only)
+        node = GraphNode(name, "raw", DirtyTracking(name, raw), children=[file])
         # Persistent bitmaps of the image live on its format node, as in QEMU.
         for bname, bitmap in list(file.bitmaps.items()):
             if bitmap.persistent:
@@ -134,11 +146,19 @@ class BlockGraph:
         for bitmap in node.bitmaps.values():
             if bitmap.busy:
                 raise ControlError(f"Node '{name}' is busy: bitmap '{bitmap.name}' is in use")
-        self.save_bitmaps(node, clean=True)
+        store = node.image()
         del self.nodes[name]
         for child in node.children:
             child.users -= 1
             self._restore_persistent(node, child)
+        if store is not None and not store.read_only:
+            # Clean only if no open node still uses (and may write) the image.
+            still_open = self._image_nodes(store)
+            bitmaps = [b for n in still_open or [node] for b in n.bitmaps.values()]
+            try:
+                persistence.save(store.path, store.size, bitmaps, in_use=bool(still_open))
+            except OSError as exc:
+                log.error("cannot store persistent bitmaps of %s: %s", store.path, exc.strerror)
         if node.store is not None:
             await node.store.close()
 

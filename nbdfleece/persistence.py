@@ -51,22 +51,25 @@ def load(image: str, size: int) -> tuple[list[DirtyBitmap], bool]:
         return [], False
     except (OSError, ValueError) as exc:
         raise BitmapFileError(f"{path}: unreadable bitmap file: {exc}") from None
-    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise BitmapFileError(f"{path}: not a version {VERSION} {FORMAT} file")
     if doc.get("image_size") != size:
         raise BitmapFileError(f"{path}: written for an image of {doc.get('image_size')} bytes")
     crashed = bool(doc.get("in_use"))
     bitmaps = []
-    for item in doc.get("bitmaps", []):
-        bitmap = DirtyBitmap(
-            item["name"], size, int(item["granularity"]),
-            recording=bool(item["recording"]) and not crashed,
-            persistent=True,
-            inconsistent=crashed or bool(item.get("inconsistent")),
-        )
-        if not crashed:
-            bitmap.load_bytes(base64.b64decode(item["data"]))
-        bitmaps.append(bitmap)
+    try:
+        for item in doc.get("bitmaps", []):
+            bitmap = DirtyBitmap(
+                str(item["name"]), size, int(item["granularity"]),
+                recording=bool(item["recording"]) and not crashed,
+                persistent=True,
+                inconsistent=crashed or bool(item.get("inconsistent")),
+            )
+            if not crashed:
+                bitmap.load_bytes(base64.b64decode(item["data"], validate=True))
+            bitmaps.append(bitmap)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BitmapFileError(f"{path}: malformed bitmap entry: {exc!r}") from None
     return bitmaps, crashed
 
 

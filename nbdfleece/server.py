@@ -26,9 +26,11 @@ accept loops, stops every reader, lets in-flight requests finish and reply
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import itertools
 import logging
+import math
 import os
 import socket as _stdsocket
 from collections.abc import Callable, Sequence
@@ -40,6 +42,7 @@ from nbdfleece.block.node import BlockNode, Segment
 from nbdfleece.constants import MAX_BLOCK_SIZE, Cmd, CmdFlag, Errno
 from nbdfleece.errors import ProtocolError, RequestError, error_message, nbd_errno
 from nbdfleece.exports import Export, ExportRegistry
+from nbdfleece.extents import shape
 from nbdfleece.handshake import NEED_DATA, Closed, Negotiated, ServerHandshake
 from nbdfleece.transmission import (
     Buffer,
@@ -51,7 +54,6 @@ from nbdfleece.transmission import (
     error_reply,
     parse_request,
     read_reply,
-    shape_extents,
     validate,
 )
 from nbdfleece.wire import REQUEST_HEADER
@@ -66,6 +68,7 @@ SPARSE_READ_MIN = 64 * 1024
 REQUEST_OVERHEAD = 64 * 1024
 """Budget charged per request on top of its bytes: bounds the task count too."""
 IOV_MAX = 1024
+_CREATED_SOCKET_PATHS: set[str] = set()
 ACCEPT_CAPACITY_ERRNOS = {_errno.EMFILE, _errno.ENFILE, _errno.ENOMEM, _errno.ENOBUFS}
 
 
@@ -331,7 +334,7 @@ class Connection:
     # -- handshake ----------------------------------------------------------
     async def _handshake(self) -> tuple[Negotiated | None, bytes]:
         hs = ServerHandshake(self.server.registry)
-        with trio.move_on_after(self.limits.handshake_timeout) as scope:
+        with trio.move_on_after(self.limits.handshake_timeout or math.inf) as scope:
             self._handshake_scope = scope
             if self._stopping:
                 return None, b""
@@ -600,7 +603,7 @@ class Connection:
         items = sorted(state.contexts.items())
         for i, (context_id, context) in enumerate(items):
             raw = await export.extents(context, req.offset, req.length)
-            extents = shape_extents(raw, req.length, req_one=req_one)
+            extents = shape(raw, req.length, req_one=req_one)
             chunks.append(block_status_reply(req.cookie, context_id, extents, i == len(items) - 1))
         return chunks
 
@@ -672,7 +675,7 @@ class Server:
                 with scope:
                     await self._accept_loop(lsock, conn_nursery)
             finally:
-                lsock.close()
+                close_listener(lsock)
 
         self._accept_nursery.start_soon(accept)
         return scope.cancel
@@ -732,6 +735,7 @@ def open_listener(spec: str) -> trio.socket.SocketType:
             pass
         sock = _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
         sock.bind(path)
+        _CREATED_SOCKET_PATHS.add(path)
     else:
         host, port = parse_host_port(spec)
         infos = _stdsocket.getaddrinfo(
@@ -746,6 +750,16 @@ def open_listener(spec: str) -> trio.socket.SocketType:
     sock.listen(128)
     sock.setblocking(False)
     return trio.socket.from_stdlib_socket(sock)
+
+
+def close_listener(sock: trio.socket.SocketType) -> None:
+    """Close a listening socket and remove its Unix socket file, if any."""
+    path = sock.getsockname() if sock.family == _stdsocket.AF_UNIX else None
+    sock.close()
+    if path in _CREATED_SOCKET_PATHS:  # never a path systemd handed us
+        _CREATED_SOCKET_PATHS.discard(path)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def parse_host_port(spec: str) -> tuple[str, int]:

@@ -10,14 +10,8 @@ Reply builders return lists of buffers meant for one ``sendmsg`` call, so a
 READ payload is never concatenated with its header (one copy less; see
 ``perf-baseline.md`` observation 1).
 
-Block-status extents are shaped here (merge, clip, REQ_ONE, lengths
-multiple of the minimum block size) so that every context obeys the same
-rules::
-
-    request        |<------------- length ------------->|
-    raw extents    |--a--|--a--|---b---|------c-------------|
-    reply          |----a----|---b---|-------c--------|       (c clipped)
-    REQ_ONE        |----a----|
+Block-status extents are shaped by ``nbdfleece.extents`` (merge, clip,
+REQ_ONE) so that every context obeys the same rules.
 """
 
 from __future__ import annotations
@@ -25,10 +19,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from nbdfleece import extents as extent_arrays
 from nbdfleece import wire
 from nbdfleece.constants import (
     MAX_BLOCK_SIZE,
-    MAX_EXTENTS,
     MAX_STRING,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
@@ -40,6 +36,7 @@ from nbdfleece.constants import (
     ReplyType,
 )
 from nbdfleece.errors import ProtocolError, RequestError
+from nbdfleece.extents import ExtentArray
 
 Buffer = bytes | bytearray | memoryview
 
@@ -208,44 +205,15 @@ def read_reply(
 def shape_extents(
     extents: Iterable[tuple[int, int]], length: int, *, req_one: bool
 ) -> list[tuple[int, int]]:
-    """Merge equal neighbours, clip to ``length``, honour REQ_ONE.
-
-    The minimum block size is 1, so any length is a multiple of it; sources
-    with coarser granules (bitmaps) produce aligned extents themselves.
-    """
-    shaped: list[tuple[int, int]] = []
-    covered = 0
-    for ext_len, flags in extents:
-        if ext_len <= 0:
-            continue
-        if shaped and shaped[-1][1] == flags:
-            shaped[-1] = (shaped[-1][0] + ext_len, flags)
-        else:
-            if len(shaped) >= MAX_EXTENTS:
-                break
-            shaped.append((ext_len, flags))
-        covered += ext_len
-        if covered >= length:
-            break
-    if not shaped:
-        raise ValueError("block status produced no extent")
-    if req_one:
-        del shaped[1:]
-    total = sum(n for n, _ in shaped)
-    if total > length:
-        last_len, last_flags = shaped[-1]
-        shaped[-1] = (last_len - (total - length), last_flags)
-    return shaped
+    """List form of :func:`nbdfleece.extents.shape` (tests, small inputs)."""
+    shaped = extent_arrays.shape(extent_arrays.as_extents(extents), length, req_one=req_one)
+    return [(int(n), int(f)) for n, f in shaped]
 
 
 def block_status_reply(
-    cookie: int, context_id: int, extents: Sequence[tuple[int, int]], done: bool
+    cookie: int, context_id: int, extents: Sequence[tuple[int, int]] | ExtentArray, done: bool
 ) -> bytes:
     """One BLOCK_STATUS chunk for one context."""
-    count = len(extents)
-    payload = bytearray(4 + 8 * count)
-    payload[0:4] = context_id.to_bytes(4, "big")
-    pack_into = wire.BLOCK_DESCRIPTOR.pack_into
-    for i, (length, flags) in enumerate(extents):
-        pack_into(payload, 4 + 8 * i, length, flags)
-    return chunk_header(cookie, ReplyType.BLOCK_STATUS, len(payload), done) + bytes(payload)
+    array = extents if isinstance(extents, np.ndarray) else extent_arrays.as_extents(extents)
+    payload = extent_arrays.pack(context_id, array)
+    return chunk_header(cookie, ReplyType.BLOCK_STATUS, len(payload), done) + payload

@@ -1,9 +1,12 @@
 """The public conformance checks (shared/conformance, P1-P10) against the real server.
 
-Only the checks that apply before dirty bitmaps and snapshots exist run here:
-P1-P4, P7, P9, P10, and P8's error cases on a read-only export.  Each test
-asserts the lines of the "Expected" section of the folder's README, with the
-bitmap lines removed (no ``qemu:`` context is offered yet).
+Each test asserts the lines of the "Expected" section of the folder's README.
+The first tests run on ``live_server`` (no bitmap: P1-P4, P7, P9, P10, and
+P8's error cases on a read-only export), with the bitmap lines removed.  The
+``s0_server`` tests run scenario S0 itself (``live`` carries the bitmap
+``bm0``, recording from the start) and check the bitmap lines: P1, P3, P5,
+P6 and P8's bitmap window (run against ``live``, which offers ``bm0``; the
+read-only-specific lines stay with ``snap`` above).
 
 The folder sits next to the repository checkout (``<root>/shared/conformance``
 beside ``<root>/main``); the tests skip when it is absent.  Its scripts need
@@ -12,6 +15,7 @@ libnbd's ``nbd`` module, so they run under Debian's ``/usr/bin/python3``.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -232,3 +236,145 @@ def test_p10_base_allocation_sanity(live_server: ServerProcess, tmp_path: Path) 
         covering = [r for r in rows if int(r[0]) <= offset < int(r[0]) + int(r[1])]
         assert len(covering) == 1 and not int(covering[0][2]) & 2, (offset, covering)
     assert rows[0][:3] == ["0", "1114112", "0"]
+
+
+# -- scenario S0: live carries bm0 ---------------------------------------------------------
+
+# P5's table: (start, length, flags) of qemu:dirty-bitmap:bm0 after P4.
+P5_MAP = [
+    (0, 1114112, 1),
+    (1114112, 3080192, 0),
+    (4194304, 131072, 1),
+    (4325376, 4063232, 0),
+    (8388608, 65536, 1),  # write-zeroes dirties too
+    (8454144, 2031616, 0),
+    (10485760, 65536, 1),  # a 1-byte write dirties its whole granule
+    (10551296, 56557568, 0),
+]
+
+
+@pytest.fixture
+def s0_server(server_factory: Any, tmp_path: Path) -> ServerProcess:
+    """Scenario S0: a zeroed 64 MiB ``live`` with ``bm0`` (64 KiB) and a read-only ``snap``."""
+    make_image(tmp_path / "live.raw", SIZE)
+    make_image(tmp_path / "snap.raw", SIZE)
+    server: ServerProcess = server_factory(
+        "--export", f"live={tmp_path / 'live.raw'},bitmap=bm0,description=live disk",
+        "--export", f"snap={tmp_path / 'snap.raw'},readonly",
+    )
+    return server
+
+
+def nbdinfo_rows(uri: str, *args: str) -> list[tuple[int, int, int, str]]:
+    require("nbdinfo")
+    out = run(["nbdinfo", *args, uri]).stdout
+    rows = []
+    for ln in out.splitlines():
+        start, length, flags, desc = ln.split(maxsplit=3)
+        rows.append((int(start), int(length), int(flags), desc))
+    return rows
+
+
+def test_s0_p1_list(s0_server: ServerProcess) -> None:
+    require("nbdinfo", "nbd-client", "qemu-nbd")
+    out = run(["nbdinfo", "--list", s0_server.uri()]).stdout
+    picked = [
+        ln for ln in out.splitlines()
+        if ln.startswith("export=") or any(k in ln for k in ("contexts", "qemu:", "base:"))
+    ]
+    assert picked == [
+        'export="live":', "\tcontexts:", "\t\tbase:allocation", "\t\tqemu:dirty-bitmap:bm0",
+        'export="snap":', "\tcontexts:", "\t\tbase:allocation",
+    ]
+    out = run(["nbd-client", "-l", "127.0.0.1", str(s0_server.port)]).stdout
+    assert out.splitlines()[1:] == ["live: live disk", "snap"]
+    out = run(["qemu-nbd", "-L", "-b", "127.0.0.1", "-p", str(s0_server.port)]).stdout
+    lines = [ln.strip() for ln in out.splitlines()]
+    picked = [ln for ln in lines if ln.startswith(("export:", "available meta", "base:", "qemu:"))]
+    assert picked == [
+        "export: 'live'", "available meta contexts: 2", "base:allocation", "qemu:dirty-bitmap:bm0",
+        "export: 'snap'", "available meta contexts: 1", "base:allocation",
+    ]
+    assert [ln for ln in lines if ln.startswith("flags:")] == [
+        "flags: 0xded ( flush fua trim zeroes df multi cache fast-zero )",
+        "flags: 0x58f ( readonly flush fua df multi cache )",
+    ]
+
+
+def test_s0_p3_meta_contexts(s0_server: ServerProcess) -> None:
+    lines = run_script("ctx_list.py", s0_server.uri("live"))
+    assert lines == [
+        "[] -> 2 ['base:allocation', 'qemu:dirty-bitmap:bm0']",
+        "['qemu:dirty-bitmap:'] -> 1 ['qemu:dirty-bitmap:bm0']",
+        "['qemu:'] -> 1 ['qemu:dirty-bitmap:bm0']",
+        "['base:allocation'] -> 1 ['base:allocation']",
+        "['qemu:dirty-bitmap:nosuch'] -> 0 []",
+    ]
+    # The read-only export offers no bitmap.
+    assert run_script("ctx_list.py", s0_server.uri("snap"))[:3] == [
+        "[] -> 1 ['base:allocation']",
+        "['qemu:dirty-bitmap:'] -> 0 []",
+        "['qemu:'] -> 0 []",
+    ]
+
+
+def test_s0_p5_dirty_bitmap(s0_server: ServerProcess) -> None:
+    uri = s0_server.uri("live")
+    # Freshly started: all clean.
+    assert nbdinfo_rows(uri, "--map=qemu:dirty-bitmap:bm0") == [(0, SIZE, 0, "clean")]
+    p4_writes(uri)
+    rows = nbdinfo_rows(uri, "--map=qemu:dirty-bitmap:bm0")
+    assert rows == [(s, n, f, "dirty" if f else "clean") for s, n, f in P5_MAP]
+    # P4's reads change nothing; the Unix socket sees the same map.
+    qemu_io(uri, P4_READS, readonly=True)
+    assert nbdinfo_rows(s0_server.unix_uri("live"), "--map=qemu:dirty-bitmap:bm0") == rows
+    # run_public.sh also prints --totals: bytes, percentage, flags, description.
+    out = run(["nbdinfo", "--map=qemu:dirty-bitmap:bm0", "--totals", uri]).stdout
+    dirty = sum(n for _, n, f in P5_MAP if f)
+    assert [ln.split() for ln in out.splitlines()] == [
+        [str(SIZE - dirty), "97.9%", "0", "clean"],
+        [str(dirty), "2.1%", "1", "dirty"],
+    ]
+    assert dirty == 1376256
+
+
+def test_s0_p6_qemu_img_inverted(s0_server: ServerProcess) -> None:
+    require("qemu-img")
+    p4_writes(s0_server.uri("live"))
+    opts = (
+        "driver=nbd,export=live,server.type=inet,server.host=127.0.0.1,"
+        f"server.port={s0_server.port},x-dirty-bitmap=qemu:dirty-bitmap:bm0"
+    )
+    entries = json.loads(run(["qemu-img", "map", "--output=json", "--image-opts", opts]).stdout)
+    expected = []
+    for start, length, flags in P5_MAP:
+        if flags:  # dirty: QEMU shows it as unallocated
+            expected.append({"start": start, "length": length, "depth": 0, "present": False,
+                             "zero": False, "data": False})
+        else:
+            expected.append({"start": start, "length": length, "depth": 0, "present": True,
+                             "zero": False, "data": True, "offset": start})
+    assert entries == expected
+
+
+def test_s0_p8_bitmap_window(s0_server: ServerProcess) -> None:
+    """errors_check.py against ``live`` (it offers bm0) after P4: the bitmap lines."""
+    p4_writes(s0_server.uri("live"))
+    lines = run_script("errors_check.py", s0_server.uri().rstrip("/"), "live")
+    assert lines == [
+        "structured_reply True can_meta bm0 True",
+        "read-only False can_multi_conn True can_flush True can_fua True",
+        "pread past EOF: nbd.Error errno=EINVAL",
+        "block_status past EOF: nbd.Error errno=EINVAL",
+        "pwrite on read-only export: ok",  # live is writable: the script's write lands
+        "still usable after errors: 22222222",
+        "REQ_ONE from 0: {'base:allocation': [1114112, 0], 'qemu:dirty-bitmap:bm0': [1114112, 1]}",
+        "REQ_ONE 64k@1M: {'base:allocation': [65536, 0], 'qemu:dirty-bitmap:bm0': [65536, 1]}",
+        "unaligned window 2M@3M+512: {'base:allocation': [1048064, 3, 131072, 0, 918016, 3], "
+        "'qemu:dirty-bitmap:bm0': [1048064, 0, 131072, 1, 918016, 0]}",
+        "unknown export: nbd.Error errno=ENOENT",
+        "unknown meta ctx requested (ignored): False",
+    ]
+    # The script's 512-byte write at 0 lay in an already dirty granule: P5's map stands.
+    rows = nbdinfo_rows(s0_server.uri("live"), "--map=qemu:dirty-bitmap:bm0")
+    assert [(s, n, f) for s, n, f, _ in rows] == P5_MAP

@@ -1,0 +1,503 @@
+"""The QMP commands: a table name -> (argument schema, handler).
+
+Every command is declared with its QAPI argument schema (see ``schema.py``)
+and an ``async`` handler ``(daemon, args) -> result``; :func:`execute` checks
+the arguments against the schema before the handler runs, so handlers only
+see well-typed input and only implement the command's own rules::
+
+    @command("blockdev-del", {"node-name": STR})
+    async def blockdev_del(daemon: Daemon, args: Args) -> None: ...
+
+Bitmap operations are also *transaction actions*: an action applies at once
+and returns its undo, and ``transaction`` runs the actions in order, undoing
+the applied ones in reverse when one fails (all or nothing, as QEMU).  Each
+bitmap command is its action run on its own.  :data:`ACTIONS` is open:
+registering another action (``@action("blockdev-backup", {...})``) makes it
+valid in ``transaction`` too.
+
+Names, argument shapes and error texts are QEMU 7.2's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from nbdfleece import __version__
+from nbdfleece.daemon import Daemon
+from nbdfleece.graph import ControlError, GraphNode, Undo
+from nbdfleece.qmp.protocol import CAPABILITIES_ARGS, version_info
+from nbdfleece.qmp.schema import (
+    BOOL,
+    STR,
+    UINT32,
+    Alternate,
+    Enum,
+    List,
+    QmpError,
+    Struct,
+    Type,
+    Union,
+    Where,
+    check_arguments,
+)
+
+log = logging.getLogger(__name__)
+
+Args = dict[str, Any]
+Handler = Callable[[Daemon, Args], Awaitable[Any]]
+Apply = Callable[[Daemon, Args], Undo]
+
+PACKAGE = f"nbdfleece {__version__}"
+MAX_NODE_NAME = 31
+"""QEMU keeps node names in a 32-byte buffer."""
+MAX_DESCRIPTION = 4096
+_WELLFORMED_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: str
+    arguments: Type
+    """A :class:`Struct`, or a :class:`Union` for commands whose arguments are one."""
+    handler: Handler
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """A transaction action: applies at once and returns its undo."""
+
+    name: str
+    data: Struct
+    apply: Apply
+    grouped: bool = False
+    """Whether it supports ``completion-mode: grouped`` (only job-starting actions do)."""
+
+
+COMMANDS: dict[str, Command] = {}
+ACTIONS: dict[str, Action] = {}
+
+
+def command(name: str, members: Mapping[str, Type] | Type | None = None
+            ) -> Callable[[Handler], Handler]:
+    """Register ``handler`` as QMP command ``name`` with these argument members."""
+    schema = members if isinstance(members, Type) else Struct(name, members)
+
+    def register(handler: Handler) -> Handler:
+        COMMANDS[name] = Command(name, schema, handler)
+        return handler
+
+    return register
+
+
+def action(name: str, members: Mapping[str, Type], *, command: bool = True) -> Callable[[Apply], Apply]:
+    """Register a transaction action, by default also a command of the same name."""
+    data = Struct(name, members)
+
+    def register(apply: Apply) -> Apply:
+        ACTIONS[name] = Action(name, data, apply)
+        if not command:
+            return apply
+
+        async def run_alone(daemon: Daemon, args: Args) -> None:
+            apply(daemon, args)
+
+        COMMANDS[name] = Command(name, data, run_alone)
+        return apply
+
+    return register
+
+
+async def execute(daemon: Daemon, name: str, arguments: Args) -> Any:
+    """Run command ``name``; raises :class:`QmpError` with QEMU's error."""
+    cmd = COMMANDS.get(name)
+    if cmd is None:
+        raise QmpError(f"The command {name} has not been found", "CommandNotFound")
+    args = check_arguments(cmd.arguments, arguments)
+    try:
+        return await cmd.handler(daemon, args)
+    except ControlError as exc:
+        raise QmpError(exc.desc, exc.error_class) from None
+
+
+def id_wellformed(name: str) -> bool:
+    """QEMU's ``id_wellformed``: a letter, then letters, digits, ``-``, ``.``, ``_``."""
+    return _WELLFORMED_ID.match(name) is not None
+
+
+# -- monitor --------------------------------------------------------------------------
+
+
+@command("qmp_capabilities", CAPABILITIES_ARGS)
+async def qmp_capabilities(daemon: Daemon, args: Args) -> None:
+    # In negotiation mode the session handles it; here negotiation is over.
+    raise QmpError("Capabilities negotiation is already complete, command ignored", "CommandNotFound")
+
+
+@command("query-version")
+async def query_version(daemon: Daemon, args: Args) -> Any:
+    return version_info(PACKAGE)
+
+
+@command("query-commands")
+async def query_commands(daemon: Daemon, args: Args) -> Any:
+    return [{"name": name} for name in COMMANDS]
+
+
+# -- dirty bitmaps (commands and transaction actions) -------------------------------------
+
+BLOCK_DIRTY_BITMAP: dict[str, Type] = {"node": STR, "name": STR}
+BITMAP_OR_STR = Alternate("BlockDirtyBitmapOrStr", string=STR,
+                          obj=Struct("BlockDirtyBitmap", BLOCK_DIRTY_BITMAP))
+
+
+@action("block-dirty-bitmap-add", {
+    "node": STR, "name": STR, "*granularity": UINT32, "*persistent": BOOL, "*disabled": BOOL,
+})
+def bitmap_add(daemon: Daemon, args: Args) -> Undo:
+    return daemon.graph.bitmap_add(
+        args["node"], args["name"], granularity=args.get("granularity"),
+        persistent=args.get("persistent", False), disabled=args.get("disabled", False),
+    )
+
+
+@action("block-dirty-bitmap-remove", BLOCK_DIRTY_BITMAP)
+def bitmap_remove(daemon: Daemon, args: Args) -> Undo:
+    return daemon.graph.bitmap_remove(args["node"], args["name"])
+
+
+@action("block-dirty-bitmap-clear", BLOCK_DIRTY_BITMAP)
+def bitmap_clear(daemon: Daemon, args: Args) -> Undo:
+    return daemon.graph.bitmap_clear(args["node"], args["name"])
+
+
+@action("block-dirty-bitmap-enable", BLOCK_DIRTY_BITMAP)
+def bitmap_enable(daemon: Daemon, args: Args) -> Undo:
+    return daemon.graph.bitmap_enable(args["node"], args["name"], True)
+
+
+@action("block-dirty-bitmap-disable", BLOCK_DIRTY_BITMAP)
+def bitmap_disable(daemon: Daemon, args: Args) -> Undo:
+    return daemon.graph.bitmap_enable(args["node"], args["name"], False)
+
+
+@action("block-dirty-bitmap-merge", {"node": STR, "target": STR, "bitmaps": List(BITMAP_OR_STR)})
+def bitmap_merge(daemon: Daemon, args: Args) -> Undo:
+    return daemon.graph.bitmap_merge(args["node"], args["target"], args["bitmaps"])
+
+
+@action("abort", {}, command=False)
+def abort(daemon: Daemon, args: Args) -> Undo:
+    raise QmpError("Transaction aborted using Abort action")
+
+
+@command("x-debug-block-dirty-bitmap-sha256", BLOCK_DIRTY_BITMAP)
+async def bitmap_sha256(daemon: Daemon, args: Args) -> Any:
+    return {"sha256": bitmap_digest(daemon.graph.bitmap(args["node"], args["name"]).to_bytes())}
+
+
+def bitmap_digest(packed: bytes) -> str:
+    """SHA-256 as QEMU computes it: over the bits in 64-bit words (zero padded)."""
+    return hashlib.sha256(packed + bytes(-len(packed) % 8)).hexdigest()
+
+
+# -- transaction ----------------------------------------------------------------------
+
+TRANSACTION_ACTION = Union(
+    "TransactionAction", "type",
+    branches={},  # filled from ACTIONS below, so later registrations count too
+)
+
+
+class _ActionBranches(Mapping[str, Struct]):
+    """``{type: {"data": <action's data>}}``, a live view of :data:`ACTIONS`."""
+
+    def __getitem__(self, key: str) -> Struct:
+        return Struct(f"{key}-wrapper", {"data": ACTIONS[key].data})
+
+    def __iter__(self) -> Any:
+        return iter(ACTIONS)
+
+    def __len__(self) -> int:
+        return len(ACTIONS)
+
+
+TRANSACTION_ACTION.branches = _ActionBranches()
+
+
+@command("transaction", {
+    "actions": List(TRANSACTION_ACTION),
+    "*properties": Struct("TransactionProperties", {
+        "*completion-mode": Enum("ActionCompletionMode", ("individual", "grouped")),
+    }),
+})
+async def transaction(daemon: Daemon, args: Args) -> None:
+    run_transaction(daemon, args["actions"], args.get("properties", {}).get("completion-mode", "individual"))
+
+
+def run_transaction(daemon: Daemon, actions: list[Args], completion_mode: str = "individual") -> None:
+    """Apply ``actions`` all or nothing: on the first failure undo the applied ones."""
+    undos: list[Undo] = []
+    try:
+        for item in actions:
+            spec = ACTIONS[item["type"]]
+            if completion_mode != "individual" and not spec.grouped and spec.name != "abort":
+                raise QmpError(
+                    f"Action '{spec.name}' does not support Transaction property "
+                    f"completion-mode = {completion_mode}"
+                )
+            undos.append(spec.apply(daemon, item["data"]))
+    except BaseException:
+        for undo in reversed(undos):
+            try:
+                undo()
+            except Exception:  # keep undoing the rest; the original error is what we report
+                log.exception("transaction: an undo failed")
+        raise
+
+
+# -- block nodes ----------------------------------------------------------------------
+
+BLOCKDEV_OPTIONS = Union(
+    "BlockdevOptions", "driver",
+    base={"*node-name": STR, "*read-only": BOOL},
+)
+BLOCKDEV_REF = Alternate("BlockdevRef", string=STR, obj=BLOCKDEV_OPTIONS)
+BLOCKDEV_OPTIONS.branches = {
+    "file": Struct("BlockdevOptionsFile", {"filename": STR}),
+    "raw": Struct("BlockdevOptionsRaw", {"file": BLOCKDEV_REF}),
+}
+_generated_names = itertools.count(1)
+
+
+def _generate_node_name(daemon: Daemon) -> str:
+    while True:
+        name = f"#block{next(_generated_names):03d}"  # '#' is not allowed in user names
+        if name not in daemon.graph.nodes:
+            return name
+
+
+def _check_node_name(daemon: Daemon, name: str) -> None:
+    if not id_wellformed(name):
+        raise QmpError(f"Invalid node-name: '{name}'")
+    if name in daemon.graph.nodes:
+        raise QmpError(f"Duplicate nodes with node-name='{name}'")
+    if len(name) > MAX_NODE_NAME:
+        raise QmpError("Node name too long")
+
+
+def _open_node(daemon: Daemon, options: Args, created: list[GraphNode], *,
+               implicit: bool, inherited_read_only: bool = False) -> GraphNode:
+    """Create the node (and any inline child) described by ``BlockdevOptions``."""
+    graph = daemon.graph
+    name = options.get("node-name")
+    if name is None:
+        name = _generate_node_name(daemon)
+    else:
+        _check_node_name(daemon, name)
+    read_only = options.get("read-only", inherited_read_only)
+    if options["driver"] == "file":
+        node = graph.add_file(name, options["filename"], read_only=read_only)
+    else:
+        ref = options["file"]
+        if isinstance(ref, str):
+            child = graph.node(ref)
+        else:
+            child = _open_node(daemon, ref, created, implicit=True, inherited_read_only=read_only)
+        if not read_only and child.top.read_only:
+            raise QmpError("Block node is read-only")
+        node = graph.add_raw(name, child, read_only=read_only)
+    node.implicit = implicit
+    created.append(node)
+    return node
+
+
+@command("blockdev-add", BLOCKDEV_OPTIONS)
+async def blockdev_add(daemon: Daemon, args: Args) -> None:
+    if "node-name" not in args:
+        raise QmpError("'node-name' must be specified for the root node")
+    created: list[GraphNode] = []
+    try:
+        _open_node(daemon, args, created, implicit=False)
+    except BaseException:
+        for node in reversed(created):
+            await daemon.graph.remove(node.name)
+        raise
+    log.info("blockdev-add: node '%s' (%s)", args["node-name"], args["driver"])
+
+
+@command("blockdev-del", {"node-name": STR})
+async def blockdev_del(daemon: Daemon, args: Args) -> None:
+    name = args["node-name"]
+    node = daemon.graph.nodes.get(name)
+    if node is None:
+        raise QmpError(f"Failed to find node with node-name='{name}'")
+    if any(record.node is node for record in daemon.exports.values()):
+        raise QmpError(f"Node {name} is in use")
+    if node.implicit:
+        raise QmpError(f"Node {name} is not owned by the monitor")
+    if node.users:
+        raise QmpError(f"Block device {name} is in use")
+    await _delete_node(daemon, node)
+    log.info("blockdev-del: node '%s'", name)
+
+
+async def _delete_node(daemon: Daemon, node: GraphNode) -> None:
+    """Delete ``node`` and the implicit children it was the last user of."""
+    await daemon.graph.remove(node.name)
+    for child in node.children:
+        if child.implicit and not child.users and daemon.graph.nodes.get(child.name) is child:
+            await _delete_node(daemon, child)
+
+
+@command("query-named-block-nodes", {"*flat": BOOL})
+async def query_named_block_nodes(daemon: Daemon, args: Args) -> Any:
+    return [block_device_info(daemon, node) for node in daemon.graph]
+
+
+def block_device_info(daemon: Daemon, node: GraphNode) -> dict[str, Any]:
+    """QEMU's ``BlockDeviceInfo`` for one node (the fields that mean something here)."""
+    image = node.image()
+    filename = image.path if image is not None else ""
+    size = node.top.size
+    info: dict[str, Any] = {
+        "node-name": node.name,
+        "drv": node.driver,
+        "file": filename,
+        "ro": node.top.read_only,
+        "encrypted": False,
+        "detect_zeroes": "off",
+        "backing_file_depth": 0,
+        "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "write_threshold": 0,
+        "cache": {"writeback": True, "direct": False, "no-flush": False},
+        "image": {"filename": filename, "format": node.driver, "virtual-size": size},
+    }
+    # QEMU lists the newest bitmap first and leaves the member out when there is none.
+    bitmaps = list(reversed(daemon.graph.bitmap_info(node)))
+    if bitmaps:
+        info["dirty-bitmaps"] = bitmaps
+    return info
+
+
+# -- exports --------------------------------------------------------------------------
+
+BLOCK_EXPORT_OPTIONS = Union(
+    "BlockExportOptions", "type",
+    base={"id": STR, "node-name": STR, "*writable": BOOL},
+    branches={"nbd": Struct("BlockExportOptionsNbd", {
+        "*name": STR, "*description": STR, "*bitmaps": List(BITMAP_OR_STR), "*allocation-depth": BOOL,
+    })},
+)
+
+
+@command("block-export-add", BLOCK_EXPORT_OPTIONS)
+async def block_export_add(daemon: Daemon, args: Args) -> None:
+    export_id: str = args["id"]
+    node_name: str = args["node-name"]
+    if not id_wellformed(export_id):
+        raise QmpError("Invalid block export id")
+    if export_id in daemon.exports:
+        raise QmpError(f"Block export id '{export_id}' is already in use")
+    node = daemon.graph.nodes.get(node_name)
+    if node is None:
+        raise QmpError(f"Cannot find device='' nor node-name='{node_name}'")
+    writable = args.get("writable", False)
+    if writable and node.top.read_only:
+        raise QmpError("Block node is read-only")
+    name: str = args.get("name", node_name)
+    description: str = args.get("description", "")
+    if len(name.encode()) > MAX_DESCRIPTION:
+        raise QmpError(f"export name '{name}' too long")
+    if len(description.encode()) > MAX_DESCRIPTION:
+        raise QmpError(f"description '{description}' too long")
+    for ref in args.get("bitmaps", []):
+        _check_export_bitmap(daemon, node, ref, writable=writable)
+    daemon.add_export(
+        export_id, node_name, name=name, description=description, writable=writable,
+        bitmaps=args.get("bitmaps", []), allocation_depth=args.get("allocation-depth", False),
+    )
+
+
+def _check_export_bitmap(daemon: Daemon, node: GraphNode, ref: str | dict[str, str], *,
+                         writable: bool) -> None:
+    """QEMU 7.2's checks of one ``bitmaps`` entry of an NBD export, in its order."""
+    if isinstance(ref, str):
+        bitmap = node.bitmaps.get(ref)
+        if bitmap is None:
+            raise QmpError(f"Bitmap '{ref}' is not found")
+        if not writable and not node.top.read_only and bitmap.recording:
+            raise QmpError(f"Enabled bitmap '{ref}' incompatible with readonly export")
+    else:
+        bitmap = daemon.graph.bitmap(ref["node"], ref["name"])
+    if bitmap.busy:
+        raise QmpError(
+            f"Bitmap '{bitmap.name}' is currently in use by another operation and cannot be used"
+        )
+    if bitmap.inconsistent:
+        raise QmpError(f"Bitmap '{bitmap.name}' is inconsistent and cannot be used")
+
+
+@command("block-export-del", {"id": STR, "*mode": Enum("BlockExportRemoveMode", ("safe", "hard"))})
+async def block_export_del(daemon: Daemon, args: Args) -> None:
+    daemon.remove_export(args["id"])  # emits BLOCK_EXPORT_DELETED
+
+
+@command("query-block-exports")
+async def query_block_exports(daemon: Daemon, args: Args) -> Any:
+    return [
+        {"id": record.id, "type": "nbd", "node-name": record.node.name, "shutting-down": False}
+        for record in daemon.exports.values()
+    ]
+
+
+# -- NBD server -------------------------------------------------------------------------
+
+INET = Struct("InetSocketAddress", {"host": STR, "port": STR})
+UNIX = Struct("UnixSocketAddress", {"path": STR})
+SOCKET_ADDRESS_LEGACY = Union("SocketAddressLegacy", "type", branches={
+    "inet": Struct("InetSocketAddressWrapper", {"data": INET}),
+    "unix": Struct("UnixSocketAddressWrapper", {"data": UNIX}),
+})
+SOCKET_ADDRESS = Union("SocketAddress", "type", branches={"inet": INET, "unix": UNIX})
+
+
+class NbdServerAddress(Type):
+    """``SocketAddressLegacy`` (``{type, data: {...}}``) or the flat ``SocketAddress``."""
+
+    def check(self, value: Any, where: Where) -> Any:
+        if isinstance(value, dict) and "data" in value:
+            legacy = SOCKET_ADDRESS_LEGACY.check(value, where)
+            return {"type": legacy["type"], **legacy["data"]}
+        return SOCKET_ADDRESS.check(value, where)
+
+
+def listen_spec(addr: Args) -> str:
+    """The daemon's listener spec (``HOST:PORT``, ``[V6]:PORT``, ``unix:PATH``)."""
+    if addr["type"] == "unix":
+        return f"unix:{addr['path']}"
+    host = addr["host"]
+    return f"[{host}]:{addr['port']}" if ":" in host else f"{host}:{addr['port']}"
+
+
+@command("nbd-server-start", {
+    "addr": NbdServerAddress(), "*tls-creds": STR, "*tls-authz": STR, "*max-connections": UINT32,
+})
+async def nbd_server_start(daemon: Daemon, args: Args) -> None:
+    if "tls-creds" in args:
+        raise QmpError(f"No TLS credentials with id '{args['tls-creds']}'")
+    if "tls-authz" in args:
+        raise QmpError("tls-authz is not supported without tls-creds")
+    if "max-connections" in args:
+        log.warning("nbd-server-start: max-connections=%d is not enforced", args["max-connections"])
+    daemon.nbd_server_start([listen_spec(args["addr"])])
+
+
+@command("nbd-server-stop")
+async def nbd_server_stop(daemon: Daemon, args: Args) -> None:
+    daemon.nbd_server_stop()
