@@ -65,7 +65,10 @@ class DirtyBitmap:
             return
         first = offset // self.granularity
         last = (min(offset + length, self.size) - 1) // self.granularity
-        self.bits[first : last + 1] = True
+        if first == last:
+            self.bits[first] = True  # the common small write: a scalar store
+        else:
+            self.bits[first : last + 1] = True
 
     def clear(self) -> None:
         self.bits[:] = False

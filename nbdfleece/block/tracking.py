@@ -24,6 +24,8 @@ class DirtyTracking(Layer):
         self.bitmaps: dict[str, DirtyBitmap] = {}
 
     def mark(self, offset: int, length: int) -> None:
+        if not self.bitmaps:
+            return
         for bitmap in self.bitmaps.values():
             if bitmap.recording:
                 bitmap.mark(offset, length)
