@@ -34,6 +34,7 @@ from nbdfleece.daemon import Daemon
 from nbdfleece.errors import ConfigError
 from nbdfleece.exports import ExportRegistry
 from nbdfleece.graph import ControlError
+from nbdfleece.qmp.client import QmpClient, QmpClientError
 from nbdfleece.qmp.server import serve_qmp
 from nbdfleece.server import (
     Limits,
@@ -87,7 +88,59 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    snap = sub.add_parser(
+        "snapshot", help="point-in-time snapshot exports of a running server (over QMP)",
+        description="Create, delete and list point-in-time read-only exports kept by "
+        "copy-before-write, through the server's QMP monitor.",
+    )
+    snap.add_argument(
+        "--qmp", metavar="ADDR",
+        help="the server's QMP monitor (default unix:DATA_DIR/qmp.sock)",
+    )
+    snap.add_argument("--data-dir", metavar="DIR")
+    snap_sub = snap.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = snap_sub.add_parser("create", help="snapshot an export, rotating a bitmap")
+    create.add_argument("name", help="name of the new read-only export")
+    create.add_argument("--of", required=True, metavar="EXPORT", help="the export to snapshot")
+    create.add_argument(
+        "--bitmap", metavar="BITMAP",
+        help="offer a frozen copy of BITMAP as qemu:dirty-bitmap:BITMAP on the snapshot, "
+        "and clear BITMAP on the live node in the same instant",
+    )
+    create.add_argument(
+        "--on-cbw-error", choices=["break-guest-write", "break-snapshot"],
+        default="break-guest-write",
+    )
+    delete = snap_sub.add_parser("delete", help="remove a snapshot export and its overlay")
+    delete.add_argument("name")
+    snap_sub.add_parser("list", help="list snapshots")
     return parser
+
+
+def snapshot_command(args: argparse.Namespace) -> int:
+    data_dir = args.data_dir or os.environ.get("NBDFLEECE_DATA") or DEFAULT_DATA_DIR
+    address = args.qmp or "unix:" + os.path.join(data_dir, "qmp.sock")
+    try:
+        with QmpClient(address) as qmp:
+            if args.action == "create":
+                arguments = {"name": args.name, "export": args.of,
+                             "on-cbw-error": args.on_cbw_error}
+                if args.bitmap:
+                    arguments["bitmap"] = args.bitmap
+                result = qmp.execute("x-nbdfleece-snapshot-create", arguments)
+                print(f"snapshot '{args.name}' of '{args.of}' created (overlay {result['overlay']})")
+            elif args.action == "delete":
+                qmp.execute("x-nbdfleece-snapshot-delete", {"name": args.name})
+                print(f"snapshot '{args.name}' deleted")
+            else:
+                for item in qmp.execute("x-nbdfleece-query-snapshots"):
+                    state = "\tBROKEN" if item["broken"] else ""
+                    print(f"{item['name']}\tof {item['export']}\tcopied {item['copied-bytes']} bytes"
+                          f"{state}")
+    except QmpClientError as exc:
+        print(f"nbdfleece: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def resolve_config(args: argparse.Namespace, argv: Sequence[str]) -> ServerConfig:
@@ -125,7 +178,7 @@ def resolve_config(args: argparse.Namespace, argv: Sequence[str]) -> ServerConfi
         if value < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must not be negative")
     limits: Limits = dataclasses.replace(cfg.limits, **overrides)
-    return ServerConfig(tuple(listen), tuple(exports), limits, tuple(bitmaps), tuple(qmp))
+    return ServerConfig(tuple(listen), tuple(exports), limits, tuple(bitmaps), tuple(qmp), data_dir)
 
 
 def open_exports(daemon: Daemon, cfg: ServerConfig) -> None:
@@ -172,7 +225,7 @@ async def run(cfg: ServerConfig) -> None:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot listen on {spec}: {exc}") from None
     server = Server(ExportRegistry(), cfg.limits)
-    daemon = Daemon(server)
+    daemon = Daemon(server, cfg.data_dir)
     try:
         open_exports(daemon, cfg)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -188,6 +241,8 @@ async def run(cfg: ServerConfig) -> None:
                         ", read-only" if export.read_only else "",
                     )
                 async with trio.open_nursery() as monitors:
+                    if any(a == "unix:" + os.path.join(cfg.data_dir, "qmp.sock") for a in cfg.qmp):
+                        os.makedirs(cfg.data_dir, exist_ok=True)
                     for address in cfg.qmp:
                         await monitors.start(serve_qmp, daemon, address)
                     async for signum in signals:
@@ -204,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv[1:])
+    if args.command == "snapshot":
+        return snapshot_command(args)
     if args.command != "serve":
         parser.print_help()
         return 2

@@ -77,6 +77,8 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     bitmaps: tuple[BitmapConfig, ...] = ()
     qmp: tuple[str, ...] = ()
+    data_dir: str = DEFAULT_DATA_DIR
+    """Where snapshot overlays (and the default QMP socket) live."""
 
 
 def parse_bitmap_spec(spec: str) -> BitmapConfig:

@@ -501,3 +501,39 @@ async def nbd_server_start(daemon: Daemon, args: Args) -> None:
 @command("nbd-server-stop")
 async def nbd_server_stop(daemon: Daemon, args: Args) -> None:
     daemon.nbd_server_stop()
+
+
+# -- point-in-time snapshots (nbdfleece extension) --------------------------------------
+
+CBW_ERROR = Enum("OnCbwError", ("break-guest-write", "break-snapshot"))
+
+
+@command("x-nbdfleece-snapshot-create", {
+    "name": STR, "export": STR, "*bitmap": STR, "*on-cbw-error": CBW_ERROR,
+})
+async def snapshot_create(daemon: Daemon, args: Args) -> Any:
+    """Snapshot + bitmap rotation in one step (see ``Daemon.create_snapshot``)."""
+    snapshot = daemon.create_snapshot(
+        args["name"], args["export"], bitmap=args.get("bitmap"),
+        on_cbw_error=args.get("on-cbw-error", "break-guest-write"),
+    )
+    return {"name": snapshot.name, "overlay": snapshot.overlay}
+
+
+@command("x-nbdfleece-snapshot-delete", {"name": STR})
+async def snapshot_delete(daemon: Daemon, args: Args) -> None:
+    await daemon.delete_snapshot(args["name"])
+
+
+@command("x-nbdfleece-query-snapshots")
+async def query_snapshots(daemon: Daemon, args: Args) -> Any:
+    return [
+        {
+            "name": s.name,
+            "export": s.of_export,
+            "overlay": s.overlay,
+            "copied-bytes": s.cbw.copied_bytes,
+            "broken": s.cbw.broken is not None,
+        }
+        for s in daemon.snapshots.values()
+    ]
