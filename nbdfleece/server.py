@@ -60,7 +60,8 @@ from nbdfleece.wire import REQUEST_HEADER
 
 log = logging.getLogger(__name__)
 
-RECV_BUFFER = 256 * 1024
+RECV_BUFFER = 64 * 1024
+"""Batches many small requests per ``readv``; large payloads bypass it (read in place)."""
 SENDFILE_MIN = 64 * 1024
 """Reads at least this long are sent with sendfile where the node allows it."""
 SPARSE_READ_MIN = 64 * 1024
@@ -180,6 +181,13 @@ class RecvBuffer:
         view = self._view[self._start : self._start + n]
         self._start += n
         return view
+
+    def buffered(self, n: int) -> memoryview:
+        """The next ``n`` buffered bytes (``n <= available``), left in place."""
+        return self._view[self._start : self._start + n]
+
+    def consume(self, n: int) -> None:
+        self._start += n
 
     async def receive_some(self) -> None:
         """Wait until at least one more byte is buffered."""
@@ -422,6 +430,16 @@ class Connection:
             await self._budget.acquire(cost)
             payload: bytearray | None = None
             if req.type == Cmd.WRITE:
+                if (
+                    not req.flags & CmdFlag.FUA
+                    and rbuf.available >= req.length
+                    and export.node.write_nowait(req.offset, rbuf.buffered(req.length))
+                ):
+                    # Payload already received: written straight from the receive buffer.
+                    rbuf.consume(req.length)
+                    self._budget.release(cost)
+                    await self._send([done_reply(state.structured, req.cookie)])
+                    continue
                 payload = self.server.pool.get(req.length)
                 try:
                     view = memoryview(payload)[: req.length]
