@@ -88,6 +88,19 @@ def _pwrite_full(fd: int, view: memoryview, offset: int, flags: int = 0) -> None
         offset += n
 
 
+def _nowait(io: Callable[[int, list[memoryview], int, int], int], fd: int, view: memoryview,
+            offset: int) -> int | None:
+    """One ``RWF_NOWAIT`` call: bytes done, 0 if it would wait, None if unsupported here."""
+    try:
+        return io(fd, [view], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+
+
 class FileStore(BlockNode):
     """A raw image file or block device opened with plain buffered I/O."""
 
@@ -217,15 +230,10 @@ class FileStore(BlockNode):
             raise
 
     def _try_nowait_read(self, offset: int, buf: memoryview) -> int:
-        try:
-            return os.preadv(self._fd, [buf], offset, os.RWF_NOWAIT)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                self._read_nowait = False
-                return 0
-            raise
+        done = _nowait(os.preadv, self._fd, buf, offset)
+        if done is None:
+            self._read_nowait = False
+        return done or 0
 
     def _map_sync(self, offset: int, length: int) -> list[Segment]:
         """Split ``[offset, offset+length)`` into data and hole segments."""
@@ -269,15 +277,10 @@ class FileStore(BlockNode):
             await self.flush()
 
     def _try_nowait_write(self, offset: int, data: memoryview) -> int:
-        try:
-            return os.pwritev(self._fd, [data], offset, os.RWF_NOWAIT)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                self._write_nowait = False
-                return 0
-            raise
+        done = _nowait(os.pwritev, self._fd, data, offset)
+        if done is None:
+            self._write_nowait = False
+        return done or 0
 
     async def write_zeroes(
         self, offset: int, length: int, *, may_trim: bool, fua: bool = False, fast: bool = False
