@@ -218,6 +218,7 @@ class Daemon:
         if snapshot is None:
             raise ControlError(f"Snapshot '{name}' is not found")
         self.remove_export(snapshot.export.id)
+        snapshot.cbw.deleted = True  # clients still connected must not fall through to live data
         # Unlink the filter from the chain wherever it now sits.
         layer: BlockNode = snapshot.base.top
         while isinstance(layer, Layer):

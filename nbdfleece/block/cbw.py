@@ -113,6 +113,8 @@ class CopyBeforeWrite(Layer):
         self.done: npt.NDArray[np.bool_] = np.zeros(clusters, dtype=bool)
         self.locks = RangeLocks()
         self.broken: OSError | None = None
+        self.deleted = False
+        """Set when the snapshot is deleted: its remaining clients get ESHUTDOWN."""
         self.copied_bytes = 0
         self._pre = list(pre_inflight)
 
@@ -160,7 +162,8 @@ class CopyBeforeWrite(Layer):
         first, last = self._span(offset, length)
         key = await self.locks.acquire(first, last, exclusive=True)
         try:
-            await self._wait_pre(offset, length)
+            # Copies are whole clusters: wait for every earlier request touching them.
+            await self._wait_pre(first * self.cluster, (last + 1 - first) * self.cluster)
             if self.broken is None:
                 await self._copy(first, last)
         except BaseException:
@@ -202,6 +205,8 @@ class CopyBeforeWrite(Layer):
 
     # -- snapshot side --------------------------------------------------------
     def _check_broken(self) -> None:
+        if self.deleted:
+            raise OSError(errno.ESHUTDOWN, "snapshot was deleted")
         if self.broken is not None:
             raise OSError(errno.EIO, f"snapshot is broken: copy-before-write failed ({self.broken})")
 
@@ -230,9 +235,15 @@ class CopyBeforeWrite(Layer):
         """``base:allocation`` of the view: the source's status for uncopied clusters."""
         self._check_broken()
         first, last = self._span(offset, length)
-        if not self.done[first : last + 1].any():
-            return await self.child.block_status(offset, length)
-        return [Extent(length, AllocationState(0))]  # data: always a safe answer
+        # Shared lock: no copy + zeroing of the source may slip in between the
+        # ``done`` check and the source's answer.
+        key = await self.locks.acquire(first, last, exclusive=False)
+        try:
+            if not self.done[first : last + 1].any():
+                return await self.child.block_status(offset, length)
+            return [Extent(length, AllocationState(0))]  # data: always a safe answer
+        finally:
+            self.locks.release(key)
 
 
 class SnapshotView(BlockNode):
