@@ -46,6 +46,20 @@ class Snapshot:
 
 
 @dataclass(eq=False)
+class BackupJob:
+    """A ``blockdev-backup`` job; ``sync: none`` (fleecing) runs until cancelled."""
+
+    id: str
+    device: GraphNode
+    target: GraphNode
+    base: GraphNode
+    cbw: CopyBeforeWrite
+    target_data: BlockNode
+    sync: str
+    status: str = "running"
+
+
+@dataclass(eq=False)
 class ExportRecord:
     """A block export as QMP sees it (``id`` may differ from the NBD name)."""
 
@@ -79,6 +93,9 @@ class Daemon:
         self.server = server
         self.data_dir = data_dir
         self.snapshots: dict[str, Snapshot] = {}
+        self.jobs: dict[str, BackupJob] = {}
+        self._bitmap_fallback: dict[str, GraphNode] = {}
+        """Fleecing target -> device: the target's export may name the device's bitmaps."""
         self.graph = BlockGraph()
         self.registry: ExportRegistry = server.registry
         self.exports: dict[str, ExportRecord] = {}
@@ -115,7 +132,7 @@ class Daemon:
         chosen: list[DirtyBitmap] = []
         for ref in bitmaps or []:
             if isinstance(ref, str):
-                bitmap = node.bitmaps.get(ref)
+                bitmap = self.find_bitmap(node, ref)
                 if bitmap is None:
                     raise ControlError(f"Bitmap '{ref}' is not found")
             else:
@@ -138,6 +155,15 @@ class Daemon:
         log.info("export '%s' of node '%s' added%s", nbd_name, node_name,
                  f" with bitmaps {[b.name for b in chosen]}" if chosen else "")
         return record
+
+    def find_bitmap(self, node: GraphNode, name: str) -> DirtyBitmap | None:
+        """A bitmap by name on ``node``, else on the device it is fleecing (QEMU
+        searches the backing chain, where the live node sits)."""
+        bitmap = node.bitmaps.get(name)
+        fallback = self._bitmap_fallback.get(node.name)
+        if bitmap is None and fallback is not None:
+            bitmap = fallback.bitmaps.get(name)
+        return bitmap
 
     def remove_export(self, export_id: str) -> None:
         record = self.exports.get(export_id)
@@ -219,13 +245,7 @@ class Daemon:
             raise ControlError(f"Snapshot '{name}' is not found")
         self.remove_export(snapshot.export.id)
         snapshot.cbw.deleted = True  # clients still connected must not fall through to live data
-        # Unlink the filter from the chain wherever it now sits.
-        layer: BlockNode = snapshot.base.top
-        while isinstance(layer, Layer):
-            if layer.child is snapshot.cbw:
-                layer.child = snapshot.cbw.child
-                break
-            layer = layer.child
+        self._unlink(snapshot.base, snapshot.cbw)
         self.graph.nodes.pop(snapshot.node.name, None)
         del self.snapshots[name]
         await snapshot.target.close()
@@ -238,6 +258,76 @@ class Daemon:
         while node.store is None and node.children:
             node = node.children[0]
         return node
+
+    # -- blockdev-backup jobs ---------------------------------------------------------
+    def start_fleecing(
+        self, job_id: str, device: str, target: str, *, on_cbw_error: str = BREAK_GUEST_WRITE
+    ) -> BackupJob:
+        """``blockdev-backup sync=none``: from now on ``target`` reads as ``device`` did now.
+
+        Synchronous on purpose (a transaction action): the filter goes in, in
+        one event-loop step, under the device's image node, copying old data
+        into the target's data layer; the target's reads are switched to the
+        point-in-time view.
+        """
+        if job_id in self.jobs:
+            raise ControlError(f"Job ID '{job_id}' already in use")
+        source = self.graph.node(device)
+        dest = self.graph.node(target)
+        if dest is source or self._image_node(dest) is self._image_node(source):
+            raise ControlError("Source and target cannot be the same")
+        if dest.top.size < source.top.size:
+            raise ControlError("Source and target image have different sizes")
+        if any(j.target is dest for j in self.jobs.values()):
+            raise ControlError(f"Node '{target}' is busy: block device is in use by block job")
+        base = self._image_node(source)
+        tracking = base.top
+        data = dest.top.child
+        cbw = CopyBeforeWrite(job_id, tracking.child, data, pre_inflight=tracking.in_flight(),
+                              on_cbw_error=on_cbw_error)
+        tracking.child = cbw
+        dest.top.child = SnapshotView(dest.name, cbw)
+        self._bitmap_fallback[dest.name] = source
+        job = BackupJob(job_id, source, dest, base, cbw, data, "none")
+        self.jobs[job_id] = job
+        self._job_event("created", job)
+        self._job_event("running", job)
+        return job
+
+    def cancel_job(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise ControlError(f"Block job '{job_id}' not found", "DeviceNotActive")
+        self._unlink(job.base, job.cbw)
+        job.target.top.child = job.target_data
+        self._bitmap_fallback.pop(job.target.name, None)
+        del self.jobs[job_id]
+        self._job_event("aborting", job)
+        self.events.emit_event("BLOCK_JOB_CANCELLED", {
+            "device": job.id, "len": job.device.top.size, "offset": job.cbw.copied_bytes,
+            "speed": 0, "type": "backup",
+        })
+        self._job_event("concluded", job)
+        self._job_event("null", job)
+
+    def job_info(self, job: BackupJob) -> dict[str, object]:
+        return {
+            "auto-finalize": True, "io-status": "ok", "device": job.id, "auto-dismiss": True,
+            "busy": False, "len": job.device.top.size, "offset": job.cbw.copied_bytes,
+            "status": job.status, "paused": False, "speed": 0, "ready": False, "type": "backup",
+        }
+
+    def _job_event(self, status: str, job: BackupJob) -> None:
+        self.events.emit_event("JOB_STATUS_CHANGE", {"status": status, "id": job.id})
+
+    @staticmethod
+    def _unlink(base: GraphNode, layer_to_remove: Layer) -> None:
+        layer: BlockNode = base.top
+        while isinstance(layer, Layer):
+            if layer.child is layer_to_remove:
+                layer.child = layer_to_remove.child
+                return
+            layer = layer.child
 
     # -- NBD listeners -------------------------------------------------------------
     def nbd_server_start(self, addresses: list[str]) -> None:
@@ -265,6 +355,8 @@ class Daemon:
         self.nbd_addresses = []
 
     async def close(self) -> None:
+        for job_id in list(self.jobs):
+            self.cancel_job(job_id)
         for name in list(self.snapshots):
             await self.delete_snapshot(name)
         await self.graph.close()

@@ -4,7 +4,9 @@ Every node is topped by a :class:`DirtyTracking` layer, so bitmaps can live on
 any node and see every write that passes through it.  Drivers today:
 
 * ``file``: a :class:`FileStore` on a raw image or block device;
-* ``raw``: the format node over a ``file`` node (a pass-through).
+* ``raw``: the format node over a ``file`` node (a pass-through);
+* ``qcow2``: a :class:`Qcow2Node` over a ``file`` node or an image path, with
+  a backing node or the backing file its header names.
 
 Bitmap operations carry QEMU 7.2's error texts and return an *undo*
 callable, so a QMP ``transaction`` can roll back every action it already
@@ -25,6 +27,7 @@ from nbdfleece import persistence
 from nbdfleece.bitmap import DEFAULT_GRANULARITY, DirtyBitmap, valid_granularity
 from nbdfleece.block.file import FileStore
 from nbdfleece.block.node import BlockNode, Layer
+from nbdfleece.block.qcow2 import Qcow2Error, Qcow2Node
 from nbdfleece.block.tracking import DirtyTracking
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,8 @@ class GraphNode:
     top: DirtyTracking
     children: list[GraphNode] = field(default_factory=list)
     store: FileStore | None = None
+    format_node: BlockNode | None = None
+    """A format driver with state to close (qcow2), under the tracking layer."""
     users: int = 0
     """Parents and exports using this node: it cannot be deleted while > 0."""
     implicit: bool = False
@@ -139,6 +144,43 @@ class BlockGraph:
         self.nodes[name] = node
         return node
 
+    def add_qcow2(
+        self,
+        name: str,
+        file: GraphNode | str,
+        backing: GraphNode | None = None,
+        *,
+        read_only: bool = False,
+    ) -> GraphNode:
+        """A ``qcow2`` format node on ``file`` (a node, or an image path opened
+        here).  ``backing`` None means: the backing file named in the image
+        header, if any (opened read-only, owned by the qcow2 node)."""
+        self._check_new_name(name)
+        store: FileStore | None = None
+        if isinstance(file, str):
+            try:
+                store = FileStore(name, file, read_only=read_only)
+            except OSError as exc:
+                raise ControlError(f"Could not open '{file}': {exc.strerror}") from None
+            below: BlockNode = store
+        else:
+            below = file.top
+        try:
+            qcow2 = Qcow2Node(
+                name, below, backing="header" if backing is None else backing.top, read_only=read_only
+            )
+        except (Qcow2Error, OSError) as exc:
+            if store is not None:
+                store.close_sync()
+            raise ControlError(str(exc)) from None
+        children = [n for n in (file, backing) if isinstance(n, GraphNode)]
+        node = GraphNode(name, "qcow2", DirtyTracking(name, qcow2), children=children, store=store,
+                         format_node=qcow2)
+        for child in children:
+            child.users += 1
+        self.nodes[name] = node
+        return node
+
     async def remove(self, name: str) -> None:
         node = self.node(name)
         if node.users:
@@ -159,6 +201,8 @@ class BlockGraph:
                 persistence.save(store.path, store.size, bitmaps, in_use=bool(still_open))
             except OSError as exc:
                 log.error("cannot store persistent bitmaps of %s: %s", store.path, exc.strerror)
+        if node.format_node is not None:
+            await node.format_node.close()  # qcow2: pending frees, tail trim, owned backing
         if node.store is not None:
             await node.store.close()
 
@@ -197,6 +241,9 @@ class BlockGraph:
                 self.save_bitmaps(node, clean=True)
             except ControlError as exc:
                 log.error("%s", exc.desc)
+        for node in self:
+            if node.format_node is not None:
+                await node.format_node.close()
         for node in self:
             if node.store is not None:
                 await node.store.close()

@@ -34,6 +34,7 @@ from nbdfleece.graph import ControlError, GraphNode, Undo
 from nbdfleece.qmp.protocol import CAPABILITIES_ARGS, version_info
 from nbdfleece.qmp.schema import (
     BOOL,
+    INT,
     STR,
     UINT32,
     Alternate,
@@ -271,6 +272,8 @@ BLOCKDEV_REF = Alternate("BlockdevRef", string=STR, obj=BLOCKDEV_OPTIONS)
 BLOCKDEV_OPTIONS.branches = {
     "file": Struct("BlockdevOptionsFile", {"filename": STR}),
     "raw": Struct("BlockdevOptionsRaw", {"file": BLOCKDEV_REF}),
+    # backing: a node name; absent = the backing file named in the image header.
+    "qcow2": Struct("BlockdevOptionsQcow2", {"file": BLOCKDEV_REF, "*backing": STR}),
 }
 _generated_names = itertools.count(1)
 
@@ -311,7 +314,11 @@ def _open_node(daemon: Daemon, options: Args, created: list[GraphNode], *,
             child = _open_node(daemon, ref, created, implicit=True, inherited_read_only=read_only)
         if not read_only and child.top.read_only:
             raise QmpError("Block node is read-only")
-        node = graph.add_raw(name, child, read_only=read_only)
+        if options["driver"] == "qcow2":
+            backing = graph.node(options["backing"]) if "backing" in options else None
+            node = graph.add_qcow2(name, child, backing, read_only=read_only)
+        else:
+            node = graph.add_raw(name, child, read_only=read_only)
     node.implicit = implicit
     created.append(node)
     return node
@@ -428,7 +435,7 @@ def _check_export_bitmap(daemon: Daemon, node: GraphNode, ref: str | dict[str, s
                          writable: bool) -> None:
     """QEMU 7.2's checks of one ``bitmaps`` entry of an NBD export, in its order."""
     if isinstance(ref, str):
-        bitmap = node.bitmaps.get(ref)
+        bitmap = daemon.find_bitmap(node, ref)
         if bitmap is None:
             raise QmpError(f"Bitmap '{ref}' is not found")
         if not writable and not node.top.read_only and bitmap.recording:
@@ -537,3 +544,58 @@ async def query_snapshots(daemon: Daemon, args: Args) -> Any:
         }
         for s in daemon.snapshots.values()
     ]
+
+
+# -- backup jobs ----------------------------------------------------------------------------
+
+SYNC_MODE = Enum("MirrorSyncMode", ("top", "full", "none", "incremental", "bitmap"))
+BITMAP_SYNC_MODE = Enum("BitmapSyncMode", ("on-success", "never", "always"))
+ERROR_ACTION = Enum("BlockdevOnError", ("report", "ignore", "enospc", "stop", "auto"))
+
+
+@action("blockdev-backup", {
+    "*job-id": STR, "device": STR, "target": STR, "sync": SYNC_MODE, "*speed": INT,
+    "*bitmap": STR, "*bitmap-mode": BITMAP_SYNC_MODE, "*compress": BOOL,
+    "*on-source-error": ERROR_ACTION, "*on-target-error": ERROR_ACTION,
+    "*auto-finalize": BOOL, "*auto-dismiss": BOOL, "*filter-node-name": STR,
+})
+def blockdev_backup(daemon: Daemon, args: Args) -> Undo:
+    """``sync: none`` is image fleecing: copy-before-write into ``target`` until cancelled."""
+    sync = args["sync"]
+    if sync == "none" and "bitmap" in args:
+        raise QmpError("sync mode 'none' does not produce meaningful bitmap outputs")
+    if "bitmap" in args and "bitmap-mode" not in args and sync == "bitmap":
+        raise QmpError("Bitmap sync mode must be given when providing a bitmap")
+    if sync != "none":
+        raise QmpError(f"sync mode '{sync}' is not supported yet (only 'none', image fleecing)")
+    job_id: str = args["job-id"] if "job-id" in args else args["device"]
+    daemon.start_fleecing(job_id, args["device"], args["target"])
+
+    def undo() -> None:
+        daemon.cancel_job(job_id)
+
+    return undo
+
+
+@command("query-block-jobs")
+async def query_block_jobs(daemon: Daemon, args: Args) -> Any:
+    return [daemon.job_info(job) for job in daemon.jobs.values()]
+
+
+@command("query-jobs")
+async def query_jobs(daemon: Daemon, args: Args) -> Any:
+    return [
+        {"id": job.id, "type": "backup", "status": job.status,
+         "current-progress": job.cbw.copied_bytes, "total-progress": job.device.top.size}
+        for job in daemon.jobs.values()
+    ]
+
+
+@command("block-job-cancel", {"device": STR, "*force": BOOL})
+async def block_job_cancel(daemon: Daemon, args: Args) -> None:
+    daemon.cancel_job(args["device"])
+
+
+@command("job-cancel", {"id": STR})
+async def job_cancel(daemon: Daemon, args: Args) -> None:
+    daemon.cancel_job(args["id"])

@@ -452,8 +452,8 @@ async def test_blockdev_add_inline_child_and_del(daemon: Daemon, tmp_path: Path)
                            **{"node-name": "1bad"}) == "Invalid node-name: '1bad'"
     assert await run_error(daemon, "blockdev-add", driver="file", filename=str(image),
                            **{"node-name": "live"}) == "Duplicate nodes with node-name='live'"
-    assert await run_error(daemon, "blockdev-add", driver="qcow2", **{"node-name": "q"}) == (
-        "Parameter 'driver' does not accept value 'qcow2'"
+    assert await run_error(daemon, "blockdev-add", driver="vmdk", **{"node-name": "q"}) == (
+        "Parameter 'driver' does not accept value 'vmdk'"
     )
     # A failed inline child creation leaves nothing behind.
     assert await run_error(daemon, "blockdev-add", driver="raw", **{"node-name": "r2"},

@@ -1,0 +1,164 @@
+"""Image fleecing the QEMU 7.2 way (reference §3.1, Appendix A §6), driven by qemu.qmp.
+
+blockdev-add a target (raw, or a qcow2 overlay backed by the live node) ->
+transaction {bitmap-add b1, bitmap-disable b0, blockdev-backup sync=none} ->
+block-export-add of the target with b0 -> live writes -> the export still reads
+the point in time, b0 shows what changed before it, b1 what changed after ->
+teardown: export-del, block-job-cancel, blockdev-del, bitmap-remove.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import require, run
+
+QMP = pytest.importorskip("qemu.qmp")
+SIZE = 64 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def scenario(sock: Path, live: Path, target: Path, fmt: str, port: int, work: Path) -> dict[str, Any]:
+    client = QMP.QMPClient("fleecing-test")
+    await client.connect(str(sock))
+    events: list[dict[str, Any]] = []
+
+    async def collect() -> None:
+        async for event in client.events:
+            events.append(dict(event))
+
+    collector = asyncio.create_task(collect())
+    x = client.execute
+    uri = f"nbd://127.0.0.1:{port}"
+    await x("blockdev-add", {"driver": "file", "node-name": "live-file", "filename": str(live)})
+    await x("blockdev-add", {"driver": "raw", "node-name": "live", "file": "live-file"})
+    target_file = {"driver": "file", "filename": str(target)}
+    if fmt == "qcow2":
+        await x("blockdev-add", {"driver": "qcow2", "node-name": "fleece", "file": target_file,
+                                 "backing": "live"})
+    else:
+        await x("blockdev-add", {"driver": "raw", "node-name": "fleece", "file": target_file})
+    await x("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}})
+    await x("block-export-add", {"type": "nbd", "id": "live", "node-name": "live", "writable": True})
+    await x("block-dirty-bitmap-add", {"node": "live", "name": "b0"})
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 4M 64k", f"{uri}/live"])
+    before = work / "before.raw"
+    run(["nbdcopy", f"{uri}/live", str(before)])
+    await x("transaction", {"actions": [
+        {"type": "block-dirty-bitmap-add", "data": {"node": "live", "name": "b1", "granularity": 65536}},
+        {"type": "block-dirty-bitmap-disable", "data": {"node": "live", "name": "b0"}},
+        {"type": "blockdev-backup", "data": {"job-id": "fleecing", "device": "live",
+                                             "target": "fleece", "sync": "none"}},
+    ]})
+    jobs = await x("query-block-jobs")
+    await x("block-export-add", {"type": "nbd", "id": "fleece", "node-name": "fleece", "name": "fleece",
+                                 "writable": False, "bitmaps": ["b0"]})
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x55 0 64k", "-c", "write -P 0x66 2M 64k", f"{uri}/live"])
+    copy = work / "fleece-copy.raw"
+    run(["nbdcopy", "--connections=4", f"{uri}/fleece", str(copy)])
+    frozen_map = run(["nbdinfo", "--map=qemu:dirty-bitmap:b0", f"{uri}/fleece"]).stdout
+    write_to_snapshot = run(["qemu-io", "-f", "raw", "-c", "write -P 0x77 0 512", f"{uri}/fleece"],
+                            check=False)
+    nodes = await x("query-named-block-nodes", {"flat": True})
+    await x("block-export-del", {"id": "fleece"})
+    await x("block-job-cancel", {"device": "fleecing"})
+    await x("blockdev-del", {"node-name": "fleece"})
+    await x("block-dirty-bitmap-remove", {"node": "live", "name": "b0"})
+    after_nodes = await x("query-named-block-nodes", {"flat": True})
+    await asyncio.sleep(0.1)
+    collector.cancel()
+    await client.disconnect()
+    return {
+        "jobs": jobs, "before": before, "copy": copy, "frozen_map": frozen_map,
+        "write_to_snapshot": write_to_snapshot, "nodes": nodes, "after_nodes": after_nodes,
+        "events": events,
+    }
+
+
+def bitmaps_of(nodes: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    node = next(n for n in nodes if n["node-name"] == name)
+    found: list[dict[str, Any]] = node.get("dirty-bitmaps", [])
+    return found
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_classic_fleecing_transaction(tmp_path: Path, fmt: str) -> None:
+    require("qemu-io", "qemu-img", "nbdcopy", "nbdinfo")
+    live = tmp_path / "live.raw"
+    live.write_bytes(os.urandom(SIZE))
+    target = tmp_path / f"fleece.{fmt}"
+    if fmt == "qcow2":
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(SIZE)])
+    else:
+        with open(target, "wb") as f:
+            f.truncate(SIZE)
+    sock = tmp_path / "qmp.sock"
+    port = free_port()
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen([sys.executable, "-m", "nbdfleece", "serve", "--qmp", f"unix:{sock}"],
+                              stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        result = asyncio.run(scenario(sock, live, target, fmt, port, tmp_path))
+    finally:
+        server.terminate()
+        rc = server.wait(30)
+        log.close()
+    assert rc == 0, (tmp_path / "server.log").read_text()
+
+    assert result["jobs"] == [{
+        "auto-finalize": True, "io-status": "ok", "device": "fleecing", "auto-dismiss": True,
+        "busy": False, "len": SIZE, "offset": 0, "status": "running", "paused": False,
+        "speed": 0, "ready": False, "type": "backup",
+    }]
+    # The point in time, byte for byte, after later live writes.
+    assert result["copy"].read_bytes() == result["before"].read_bytes()
+    # b0 (frozen by the transaction) shows exactly the writes before it.
+    assert result["frozen_map"].split("\n")[:4] == [
+        "         0     1048576    1  dirty",
+        "   1048576     3145728    0  clean",
+        "   4194304       65536    1  dirty",
+        "   4259840    62849024    0  clean",
+    ]
+    assert result["write_to_snapshot"].returncode != 0
+    # b1 (added in the transaction) counts only the two later 64 KiB writes; b0 frozen.
+    live_bitmaps = {b["name"]: b for b in bitmaps_of(result["nodes"], "live")}
+    assert live_bitmaps["b1"]["count"] == 131072 and live_bitmaps["b1"]["recording"]
+    assert live_bitmaps["b0"]["count"] == 1048576 + 65536 and not live_bitmaps["b0"]["recording"]
+    assert [b["name"] for b in bitmaps_of(result["after_nodes"], "live")] == ["b1"]
+    cancelled = [e for e in result["events"] if e.get("event") == "BLOCK_JOB_CANCELLED"]
+    assert len(cancelled) == 1
+    data = cancelled[0]["data"]
+    assert data["device"] == "fleecing" and data["len"] == SIZE and data["type"] == "backup"
+    assert data["offset"] == 2 * 65536  # the two clusters copied before being overwritten
+    # The live image holds every acknowledged write.
+    image = live.read_bytes()
+    assert image[:65536] == b"\x55" * 65536 and image[2 << 20 : (2 << 20) + 65536] == b"\x66" * 65536
+    assert image[65536 : 1 << 20] == b"\x11" * ((1 << 20) - 65536)
+    if fmt == "qcow2":
+        check = run(["qemu-img", "check", str(target)], check=False)
+        assert check.returncode == 0, check.stdout + check.stderr
+        # The overlay holds the old data of exactly the clusters that were copied.
+        overlay = run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(target)]).stdout
+        first = '"start": 0, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true'
+        assert first in overlay
