@@ -231,6 +231,7 @@ async def run(cfg: ServerConfig) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve, listeners)
+                daemon.job_nursery = nursery
                 for lsock in listeners:
                     log.info("listening on %s", describe_listener(lsock))
                 for record in daemon.exports.values():
@@ -248,6 +249,8 @@ async def run(cfg: ServerConfig) -> None:
                     async for signum in signals:
                         log.info("%s received: stopping gracefully", signal.Signals(signum).name)
                         server.shutdown()  # serve() drains NBD connections, then returns
+                        for job_id in list(daemon.jobs):  # their tasks run in ``nursery``
+                            daemon.cancel_job(job_id)
                         monitors.cancel_scope.cancel()
                         break
     finally:

@@ -14,6 +14,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+import trio
+
 from nbdfleece.bitmap import DirtyBitmap
 from nbdfleece.block.cbw import BREAK_GUEST_WRITE, CopyBeforeWrite, SnapshotView
 from nbdfleece.block.file import FileStore
@@ -57,6 +60,21 @@ class BackupJob:
     target_data: BlockNode
     sync: str
     status: str = "running"
+    bitmap: DirtyBitmap | None = None
+    """The live bitmap a push job reads (``sync: bitmap/incremental``, or full/top + bitmap)."""
+    frozen: DirtyBitmap | None = None
+    """``bitmap`` as it was at the job's start (the live one records from then on)."""
+    bitmap_mode: str = "on-success"
+    selected: np.ndarray | None = None
+    """Push jobs: the clusters the job copies (one bool per copy-before-write cluster)."""
+    length: int = 0
+    offset: int = 0
+    scope: trio.CancelScope | None = None
+    finished: bool = False
+
+    @property
+    def push(self) -> bool:
+        return self.sync != "none"
 
 
 @dataclass(eq=False)
@@ -103,6 +121,8 @@ class Daemon:
         self.nbd_addresses: list[str] = []
         self.events = EventBroadcaster()
         """QMP events (``emit_event(name, data)``) go to every connected monitor."""
+        self.job_nursery: trio.Nursery | None = None
+        """Where push backup jobs run (set by ``serve``; else trio system tasks)."""
 
     # -- exports -------------------------------------------------------------------
     def add_export(
@@ -260,6 +280,18 @@ class Daemon:
         return node
 
     # -- blockdev-backup jobs ---------------------------------------------------------
+    def _job_nodes(self, job_id: str, device: str, target: str) -> tuple[GraphNode, GraphNode]:
+        """The checks every backup job starts with: (source, target) nodes."""
+        if job_id in self.jobs:
+            raise ControlError(f"Job ID '{job_id}' already in use")
+        source = self.graph.node(device)
+        dest = self.graph.node(target)
+        if dest is source or self._image_node(dest) is self._image_node(source):
+            raise ControlError("Source and target cannot be the same")
+        if dest.top.size < source.top.size:
+            raise ControlError("Source and target image have different sizes")
+        return source, dest
+
     def start_fleecing(
         self, job_id: str, device: str, target: str, *, on_cbw_error: str = BREAK_GUEST_WRITE
     ) -> BackupJob:
@@ -270,14 +302,7 @@ class Daemon:
         into the target's data layer; the target's reads are switched to the
         point-in-time view.
         """
-        if job_id in self.jobs:
-            raise ControlError(f"Job ID '{job_id}' already in use")
-        source = self.graph.node(device)
-        dest = self.graph.node(target)
-        if dest is source or self._image_node(dest) is self._image_node(source):
-            raise ControlError("Source and target cannot be the same")
-        if dest.top.size < source.top.size:
-            raise ControlError("Source and target image have different sizes")
+        source, dest = self._job_nodes(job_id, device, target)
         if any(j.target is dest for j in self.jobs.values()):
             raise ControlError(f"Node '{target}' is busy: block device is in use by block job")
         base = self._image_node(source)
@@ -294,10 +319,165 @@ class Daemon:
         self._job_event("running", job)
         return job
 
+    def start_push_backup(
+        self,
+        job_id: str,
+        device: str,
+        target: str,
+        sync: str,
+        *,
+        bitmap: str | None = None,
+        bitmap_mode: str | None = None,
+    ) -> BackupJob:
+        """``blockdev-backup`` with ``sync`` full, top, bitmap or incremental.
+
+        The same copy-before-write filter as fleecing keeps the job's view at
+        the start instant while guest writes go on; a background task copies
+        the chosen clusters into ``target`` in order.  Everything up to the
+        task's start happens in one event-loop step (a transaction action).
+        """
+        source, dest = self._job_nodes(job_id, device, target)
+        if dest.top.read_only:
+            raise ControlError(f"Node '{target}' is read-only")
+        if any(j.target is dest for j in self.jobs.values()):
+            raise ControlError(f"Node '{target}' is busy: block device is in use by block job")
+        live_bitmap: DirtyBitmap | None = None
+        if bitmap is not None:
+            live_bitmap = source.bitmaps.get(bitmap)
+            if live_bitmap is None:
+                raise ControlError(f"Bitmap '{bitmap}' could not be found")
+            self.graph._usable(live_bitmap, modify=True)
+        base = self._image_node(source)
+        # ---- from here on, no await: the job's point in time ------------------------
+        tracking = base.top
+        cbw = CopyBeforeWrite(job_id, tracking.child, dest.top, pre_inflight=tracking.in_flight())
+        selected = np.ones(cbw.done.size, dtype=bool)
+        frozen: DirtyBitmap | None = None
+        if live_bitmap is not None:
+            frozen = DirtyBitmap(live_bitmap.name, live_bitmap.size, live_bitmap.granularity,
+                                 recording=False)
+            frozen.copy_from(live_bitmap)
+            live_bitmap.clear()
+            live_bitmap.busy += 1
+            if sync in ("bitmap", "incremental"):
+                clusters = DirtyBitmap("selected", cbw.size, cbw.cluster, recording=False)
+                clusters.merge_from(frozen)
+                selected = clusters.bits.copy()
+        cbw.done[~selected] = True  # guest writes copy only clusters the job wants
+        length = cbw.size
+        if sync in ("bitmap", "incremental"):
+            n = int(np.count_nonzero(selected))
+            length = n * cbw.cluster
+            if n and selected[-1]:
+                length -= cbw.done.size * cbw.cluster - cbw.size
+        tracking.child = cbw
+        source.users += 1  # neither end may be deleted while the job runs
+        dest.users += 1
+        job = BackupJob(job_id, source, dest, base, cbw, dest.top, sync, bitmap=live_bitmap,
+                        frozen=frozen, bitmap_mode=bitmap_mode or "on-success",
+                        selected=selected, length=length, scope=trio.CancelScope())
+        self.jobs[job_id] = job
+        self._job_event("created", job)
+        self._job_event("running", job)
+        if self.job_nursery is not None:
+            self.job_nursery.start_soon(self._run_push, job, name=f"backup-job-{job_id}")
+        else:
+            trio.lowlevel.spawn_system_task(self._run_push, job, name=f"backup-job-{job_id}")
+        log.info("backup job '%s' (%s) of '%s' to '%s' started", job_id, sync, device, target)
+        return job
+
+    async def _run_push(self, job: BackupJob) -> None:
+        assert job.scope is not None and job.selected is not None
+        cbw = job.cbw
+        chunk = 16  # clusters per step (1 MiB)
+        error: OSError | None = None
+        with job.scope:
+            try:
+                for first in range(0, cbw.done.size, chunk):
+                    last = min(first + chunk, cbw.done.size) - 1
+                    wanted = job.selected[first : last + 1]
+                    if wanted.any() and not cbw.done[first : last + 1].all():
+                        await cbw.copy_range(first * cbw.cluster, (last + 1 - first) * cbw.cluster,
+                                             allocated_only=job.sync == "top")
+                    else:
+                        await trio.lowlevel.checkpoint()
+                    n = int(np.count_nonzero(wanted))
+                    job.offset = min(job.offset + n * cbw.cluster, job.length)
+                await job.target_data.flush()
+            except OSError as exc:
+                error = exc
+            except Exception as exc:  # a bug: report it as the job's error, keep serving
+                log.exception("backup job '%s' failed", job.id)
+                error = OSError(str(exc))
+        if job.finished:  # cancelled: cancel_job has cleaned up
+            return
+        self._finish_push(job, error)
+        if error is None:
+            for status in ("waiting", "pending"):
+                self._job_event(status, job)
+            self._push_completed(job, None)
+            log.info("backup job '%s' completed (%d bytes)", job.id, job.length)
+        else:
+            log.error("backup job '%s' failed: %s", job.id, error)
+            self.events.emit_event("BLOCK_JOB_ERROR", {
+                "device": job.id, "operation": cbw.copy_op, "action": "report",
+            })
+            self._job_event("aborting", job)
+            self._push_completed(job, error)
+        self._job_event("concluded", job)
+        self._job_event("null", job)
+
+    def _finish_push(self, job: BackupJob, error: OSError | None) -> None:
+        """Remove the filter and settle the bitmap; ``error`` None means success."""
+        job.finished = True
+        self._unlink(job.base, job.cbw)
+        job.device.users -= 1
+        job.target.users -= 1
+        del self.jobs[job.id]
+        if job.bitmap is not None and job.frozen is not None:
+            job.bitmap.busy -= 1
+            if error is None:
+                if job.bitmap_mode == "never":
+                    job.bitmap.merge_from(job.frozen)
+            elif job.bitmap_mode == "always":
+                assert job.selected is not None
+                uncopied = DirtyBitmap("uncopied", job.cbw.size, job.cbw.cluster, recording=False)
+                uncopied.bits = job.selected & ~job.cbw.done
+                if job.sync in ("bitmap", "incremental"):
+                    job.bitmap.merge_from(uncopied)
+                else:  # full/top: only what was dirty and not copied
+                    kept = DirtyBitmap("kept", job.frozen.size, job.frozen.granularity, recording=False)
+                    kept.merge_from(uncopied)
+                    kept.bits &= job.frozen.bits
+                    job.bitmap.merge_from(kept)
+            else:
+                job.bitmap.merge_from(job.frozen)
+        if job.scope is not None:
+            job.scope.cancel()
+
+    def _push_completed(self, job: BackupJob, error: OSError | None) -> None:
+        data: dict[str, object] = {
+            "device": job.id, "len": job.length, "offset": job.offset if error else job.length,
+            "speed": 0, "type": "backup",
+        }
+        if error is not None:
+            data["error"] = os.strerror(error.errno) if error.errno else str(error)
+        self.events.emit_event("BLOCK_JOB_COMPLETED", data)
+
     def cancel_job(self, job_id: str) -> None:
         job = self.jobs.get(job_id)
         if job is None:
             raise ControlError(f"Block job '{job_id}' not found", "DeviceNotActive")
+        if job.push:
+            self._finish_push(job, OSError("cancelled"))
+            self._job_event("aborting", job)
+            self.events.emit_event("BLOCK_JOB_CANCELLED", {
+                "device": job.id, "len": job.length, "offset": job.offset, "speed": 0,
+                "type": "backup",
+            })
+            self._job_event("concluded", job)
+            self._job_event("null", job)
+            return
         self._unlink(job.base, job.cbw)
         job.target.top.child = job.target_data
         self._bitmap_fallback.pop(job.target.name, None)
@@ -310,10 +490,18 @@ class Daemon:
         self._job_event("concluded", job)
         self._job_event("null", job)
 
+    @staticmethod
+    def job_progress(job: BackupJob) -> tuple[int, int]:
+        """``(offset, len)`` as QEMU reports them."""
+        if job.push:
+            return job.offset, job.length
+        return job.cbw.copied_bytes, job.device.top.size
+
     def job_info(self, job: BackupJob) -> dict[str, object]:
+        offset, length = self.job_progress(job)
         return {
             "auto-finalize": True, "io-status": "ok", "device": job.id, "auto-dismiss": True,
-            "busy": False, "len": job.device.top.size, "offset": job.cbw.copied_bytes,
+            "busy": job.push, "len": length, "offset": offset,
             "status": job.status, "paused": False, "speed": 0, "ready": False, "type": "backup",
         }
 

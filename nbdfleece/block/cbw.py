@@ -116,6 +116,8 @@ class CopyBeforeWrite(Layer):
         self.deleted = False
         """Set when the snapshot is deleted: its remaining clients get ESHUTDOWN."""
         self.copied_bytes = 0
+        self.copy_op = "write"
+        """The step of the last copy (``read`` or ``write``), for error reports."""
         self._pre = list(pre_inflight)
 
     # -- helpers --------------------------------------------------------------
@@ -143,7 +145,9 @@ class CopyBeforeWrite(Layer):
             start = int(run[0]) * self.cluster
             end = min((int(run[-1]) + 1) * self.cluster, self.child.size)
             buf = memoryview(bytearray(end - start))
+            self.copy_op = "read"
             await self.child.read(start, buf)
+            self.copy_op = "write"
             try:
                 await self.target.write(start, buf)
             except OSError as exc:
@@ -156,6 +160,34 @@ class CopyBeforeWrite(Layer):
                 return
             self.done[int(run[0]) : int(run[-1]) + 1] = True
             self.copied_bytes += end - start
+
+    async def copy_range(self, offset: int, length: int, *, allocated_only: bool = False) -> int:
+        """Copy the not-done clusters of a range now (a push backup job's step).
+
+        With ``allocated_only``, clusters the source reports as holes are marked
+        done without a copy (``sync: top``).  Returns the bytes copied.
+        """
+        first, last = self._span(offset, length)
+        key = await self.locks.acquire(first, last, exclusive=True)
+        try:
+            await self._wait_pre(first * self.cluster, (last + 1 - first) * self.cluster)
+            before = self.copied_bytes
+            if allocated_only and not self.done[first : last + 1].all():
+                start = first * self.cluster
+                end = min((last + 1) * self.cluster, self.child.size)
+                pos = start
+                for ext in await self.child.block_status(start, end - start):
+                    if ext.flags & AllocationState.HOLE:
+                        lo = -(-pos // self.cluster)  # clusters wholly inside the hole
+                        hi = min(pos + ext.length, end)
+                        hi = hi // self.cluster if hi < self.child.size else last + 1
+                        if hi > lo:
+                            self.done[lo:hi] = True
+                    pos += ext.length
+            await self._copy(first, last)
+            return self.copied_bytes - before
+        finally:
+            self.locks.release(key)
 
     async def _guarded(self, offset: int, length: int) -> int:
         """Take the exclusive lock for a modification and copy old data first."""

@@ -560,16 +560,27 @@ ERROR_ACTION = Enum("BlockdevOnError", ("report", "ignore", "enospc", "stop", "a
     "*auto-finalize": BOOL, "*auto-dismiss": BOOL, "*filter-node-name": STR,
 })
 def blockdev_backup(daemon: Daemon, args: Args) -> Undo:
-    """``sync: none`` is image fleecing: copy-before-write into ``target`` until cancelled."""
+    """``sync: none`` is image fleecing: copy-before-write into ``target`` until cancelled;
+    the other modes are push backups, run by a background task (``Daemon.start_push_backup``)."""
     sync = args["sync"]
     if sync == "none" and "bitmap" in args:
         raise QmpError("sync mode 'none' does not produce meaningful bitmap outputs")
     if "bitmap" in args and "bitmap-mode" not in args and sync == "bitmap":
         raise QmpError("Bitmap sync mode must be given when providing a bitmap")
-    if sync != "none":
-        raise QmpError(f"sync mode '{sync}' is not supported yet (only 'none', image fleecing)")
+    if "bitmap-mode" in args and "bitmap" not in args:
+        raise QmpError("Cannot specify bitmap sync mode without a bitmap")
+    if sync in ("bitmap", "incremental") and "bitmap" not in args:
+        raise QmpError(f"Must provide a valid bitmap name for '{sync}' sync mode")
+    if "bitmap" in args and "bitmap-mode" not in args and sync in ("full", "top"):
+        raise QmpError("Bitmap sync mode must be given when providing a bitmap")
+    if sync == "incremental" and args.get("bitmap-mode", "on-success") != "on-success":
+        raise QmpError("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'")
     job_id: str = args["job-id"] if "job-id" in args else args["device"]
-    daemon.start_fleecing(job_id, args["device"], args["target"])
+    if sync == "none":
+        daemon.start_fleecing(job_id, args["device"], args["target"])
+    else:
+        daemon.start_push_backup(job_id, args["device"], args["target"], sync,
+                                 bitmap=args.get("bitmap"), bitmap_mode=args.get("bitmap-mode"))
 
     def undo() -> None:
         daemon.cancel_job(job_id)
@@ -586,7 +597,8 @@ async def query_block_jobs(daemon: Daemon, args: Args) -> Any:
 async def query_jobs(daemon: Daemon, args: Args) -> Any:
     return [
         {"id": job.id, "type": "backup", "status": job.status,
-         "current-progress": job.cbw.copied_bytes, "total-progress": job.device.top.size}
+         "current-progress": daemon.job_progress(job)[0],
+         "total-progress": daemon.job_progress(job)[1]}
         for job in daemon.jobs.values()
     ]
 
