@@ -52,6 +52,8 @@ class GraphNode:
     top: DirtyTracking
     children: list[GraphNode] = field(default_factory=list)
     store: FileStore | None = None
+    detach: Callable[[], None] | None = None
+    """Called when the node is deleted (a filter unlinks itself from a chain)."""
     format_node: BlockNode | None = None
     """A format driver with state to close (qcow2), under the tracking layer."""
     users: int = 0
@@ -189,6 +191,8 @@ class BlockGraph:
             if bitmap.busy:
                 raise ControlError(f"Node '{name}' is busy: bitmap '{bitmap.name}' is in use")
         store = node.image()
+        if node.detach is not None:
+            node.detach()
         del self.nodes[name]
         for child in node.children:
             child.users -= 1

@@ -274,6 +274,13 @@ BLOCKDEV_OPTIONS.branches = {
     "raw": Struct("BlockdevOptionsRaw", {"file": BLOCKDEV_REF}),
     # backing: a node name; absent = the backing file named in the image header.
     "qcow2": Struct("BlockdevOptionsQcow2", {"file": BLOCKDEV_REF, "*backing": STR}),
+    "copy-before-write": Struct("BlockdevOptionsCbw", {
+        "file": BLOCKDEV_REF, "target": BLOCKDEV_REF, "*bitmap": Struct("BlockDirtyBitmap", {
+            "node": STR, "name": STR}),
+        "*on-cbw-error": Enum("OnCbwError", ("break-guest-write", "break-snapshot")),
+        "*cbw-timeout": UINT32,
+    }),
+    "snapshot-access": Struct("BlockdevOptionsSnapshotAccess", {"file": BLOCKDEV_REF}),
 }
 _generated_names = itertools.count(1)
 
@@ -317,6 +324,16 @@ def _open_node(daemon: Daemon, options: Args, created: list[GraphNode], *,
         if options["driver"] == "qcow2":
             backing = graph.node(options["backing"]) if "backing" in options else None
             node = graph.add_qcow2(name, child, backing, read_only=read_only)
+        elif options["driver"] == "copy-before-write":
+            if "bitmap" in options:
+                raise QmpError("copy-before-write: the 'bitmap' option is not supported yet")
+            ref = options["target"]
+            target = (graph.node(ref) if isinstance(ref, str)
+                      else _open_node(daemon, ref, created, implicit=True))
+            node = daemon.add_cbw_node(name, child, target,
+                                       on_cbw_error=options.get("on-cbw-error", "break-guest-write"))
+        elif options["driver"] == "snapshot-access":
+            node = daemon.add_snapshot_access(name, child)
         else:
             node = graph.add_raw(name, child, read_only=read_only)
     node.implicit = implicit

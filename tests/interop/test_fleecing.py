@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,28 @@ async def scenario(sock: Path, live: Path, target: Path, fmt: str, port: int, wo
     }
 
 
+def run_with_qmp_server(tmp_path: Path, body: Callable[[Path, int], Awaitable[Any]]) -> Any:
+    """Start ``nbdfleece serve --qmp`` alone, run ``body(sock, port)``, stop it (rc 0)."""
+    sock = tmp_path / "qmp.sock"
+    port = free_port()
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen([sys.executable, "-m", "nbdfleece", "serve", "--qmp", f"unix:{sock}"],
+                              stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        result = asyncio.run(body(sock, port))
+    finally:
+        server.terminate()
+        rc = server.wait(30)
+        log.close()
+    assert rc == 0, (tmp_path / "server.log").read_text()
+    return result
+
+
 def bitmaps_of(nodes: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     node = next(n for n in nodes if n["node-name"] == name)
     found: list[dict[str, Any]] = node.get("dirty-bitmaps", [])
@@ -108,23 +131,8 @@ def test_classic_fleecing_transaction(tmp_path: Path, fmt: str) -> None:
     else:
         with open(target, "wb") as f:
             f.truncate(SIZE)
-    sock = tmp_path / "qmp.sock"
-    port = free_port()
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen([sys.executable, "-m", "nbdfleece", "serve", "--qmp", f"unix:{sock}"],
-                              stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            assert server.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        result = asyncio.run(scenario(sock, live, target, fmt, port, tmp_path))
-    finally:
-        server.terminate()
-        rc = server.wait(30)
-        log.close()
-    assert rc == 0, (tmp_path / "server.log").read_text()
+    result = run_with_qmp_server(tmp_path, lambda sock, port: scenario(sock, live, target, fmt, port,
+                                                                       tmp_path))
 
     assert result["jobs"] == [{
         "auto-finalize": True, "io-status": "ok", "device": "fleecing", "auto-dismiss": True,
@@ -162,3 +170,57 @@ def test_classic_fleecing_transaction(tmp_path: Path, fmt: str) -> None:
         overlay = run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(target)]).stdout
         first = '"start": 0, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true'
         assert first in overlay
+
+
+async def cbw_scenario(sock: Path, live: Path, target: Path, port: int, work: Path) -> dict[str, Any]:
+    """The QEMU >= 7.0 recipe (perf-baseline W5): copy-before-write + snapshot-access nodes,
+    inserted while the live export is in use (no blockdev-reopen, no pause)."""
+    client = QMP.QMPClient("cbw-test")
+    await client.connect(str(sock))
+    x = client.execute
+    uri = f"nbd://127.0.0.1:{port}"
+    await x("blockdev-add", {"driver": "file", "node-name": "live-file", "filename": str(live)})
+    await x("blockdev-add", {"driver": "raw", "node-name": "live", "file": "live-file"})
+    await x("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}})
+    await x("block-export-add", {"type": "nbd", "id": "exp-live", "node-name": "live", "name": "bench",
+                                 "writable": True})
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", f"{uri}/bench"])
+    before = work / "before.raw"
+    run(["nbdcopy", f"{uri}/bench", str(before)])
+    await x("blockdev-add", {"driver": "qcow2", "node-name": "fleece",
+                             "file": {"driver": "file", "filename": str(target)}})
+    await x("blockdev-add", {"driver": "copy-before-write", "node-name": "cbw", "file": "live",
+                             "target": "fleece"})
+    await x("blockdev-add", {"driver": "snapshot-access", "node-name": "snap", "file": "cbw"})
+    await x("block-export-add", {"type": "nbd", "id": "exp-fleece", "node-name": "snap",
+                                 "name": "bench-fleece", "writable": False})
+    # Writes through the export of 'live' itself (not of the filter node) are covered too.
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x55 0 2M", "-c", "write -P 0x66 10M 64k", f"{uri}/bench"])
+    copy = work / "fleece-copy.raw"
+    run(["nbdcopy", f"{uri}/bench-fleece", str(copy)])
+    await x("block-export-del", {"id": "exp-fleece"})
+    await x("blockdev-del", {"node-name": "snap"})
+    await x("blockdev-del", {"node-name": "cbw"})
+    await x("blockdev-del", {"node-name": "fleece"})
+    # After the filter is gone, live writes no longer touch the target.
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x77 20M 64k", f"{uri}/bench"])
+    await client.disconnect()
+    return {"before": before, "copy": copy}
+
+
+@pytest.mark.interop
+def test_copy_before_write_and_snapshot_access_nodes(tmp_path: Path) -> None:
+    require("qemu-io", "qemu-img", "nbdcopy")
+    live = tmp_path / "live.raw"
+    live.write_bytes(os.urandom(SIZE))
+    target = tmp_path / "fleece.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", str(target), str(SIZE)])
+    result = run_with_qmp_server(tmp_path, lambda sock, port: cbw_scenario(sock, live, target, port,
+                                                                           tmp_path))
+    assert result["copy"].read_bytes() == result["before"].read_bytes()
+    check = run(["qemu-img", "check", str(target)], check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # The target holds exactly the clusters copied before being overwritten: 2 MiB + 64 KiB.
+    mapped = run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(target)]).stdout
+    assert '"start": 0, "length": 2097152' in mapped and '"start": 10485760, "length": 65536' in mapped
+    assert '"start": 20971520, "length": 65536, "depth": 0, "present": true' not in mapped
