@@ -62,7 +62,8 @@ trap 'rm -rf "$scratch"' EXIT
 # handshake on {port} succeeds and starts W2 right after, so the TCP port must
 # not open before the snapshot exists.  The wrapper therefore starts the server
 # with NBD on a unix socket only, creates the snapshot with the nbdfleece CLI,
-# then moves NBD to 127.0.0.1:PORT over QMP (nbd-server-stop, nbd-server-start).
+# then opens NBD on 127.0.0.1:PORT over QMP (nbd-server-start; the unix socket
+# from the command line stays open, unused).
 # It stays in the foreground (wait), and forwards SIGTERM/SIGINT to the server
 # (the harness signals the whole process group anyway).
 # Arguments: PYTHON DIR EXPORT IMAGE PORT
@@ -99,7 +100,6 @@ def qmp(execute, **arguments):
         if "error" in r:
             sys.exit(f"{execute}: {r['error']}")
 qmp("qmp_capabilities")
-qmp("nbd-server-stop")
 qmp("nbd-server-start", addr=dict(type="inet", data=dict(host="127.0.0.1", port=sys.argv[2])))
 print("ours-cbw: snapshot created, NBD on 127.0.0.1:" + sys.argv[2])
 PYEOF

@@ -20,9 +20,11 @@ Names, argument shapes and error texts are QEMU 7.2's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
+import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -388,6 +390,9 @@ def block_device_info(daemon: Daemon, node: GraphNode) -> dict[str, Any]:
     """QEMU's ``BlockDeviceInfo`` for one node (the fields that mean something here)."""
     image = node.image()
     filename = image.path if image is not None else ""
+    snapshot = next((sn for sn in daemon.snapshots.values() if sn.node is node), None)
+    if snapshot is not None:
+        filename = snapshot.overlay  # the overlay that holds the copied clusters
     size = node.top.size
     info: dict[str, Any] = {
         "node-name": node.name,
@@ -402,6 +407,9 @@ def block_device_info(daemon: Daemon, node: GraphNode) -> dict[str, Any]:
         "cache": {"writeback": True, "direct": False, "no-flush": False},
         "image": {"filename": filename, "format": node.driver, "virtual-size": size},
     }
+    if filename:  # QEMU's ImageInfo actual-size: bytes allocated on the host
+        with contextlib.suppress(OSError):
+            info["image"]["actual-size"] = os.stat(filename).st_blocks * 512
     # QEMU lists the newest bitmap first and leaves the member out when there is none.
     bitmaps = list(reversed(daemon.graph.bitmap_info(node)))
     if bitmaps:
