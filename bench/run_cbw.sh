@@ -118,6 +118,7 @@ echo "image: $SIZE of random data in $scratch" >&2
 head -c "$SIZE" /dev/urandom >"$scratch/disk.raw"
 mkdir "$scratch/work"
 
+cd "$repo"   # so that -m nbdfleece finds this checkout even without an install
 set +e
 "$SHARED_BENCH/peer_bench.sh" --restart --image "$scratch/disk.raw" --workdir "$scratch/work" \
     --runs "$RUNS" --workloads W2,W2,W1a \
