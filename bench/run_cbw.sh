@@ -116,11 +116,11 @@ EOF
 
 echo "image: $SIZE of random data in $scratch" >&2
 head -c "$SIZE" /dev/urandom >"$scratch/disk.raw"
-mkdir "$scratch/work"
+mkdir "$scratch/rounds"
 
 cd "$repo"   # so that -m nbdfleece finds this checkout even without an install
 set +e
-"$SHARED_BENCH/peer_bench.sh" --restart --image "$scratch/disk.raw" --workdir "$scratch/work" \
+"$SHARED_BENCH/peer_bench.sh" --restart --image "$scratch/disk.raw" --workdir "$scratch/rounds" \
     --runs "$RUNS" --workloads W2,W2,W1a \
     --title "copy-before-write cost (issue 4), $SIZE random raw image" \
     --json-out "$base.json" --md-out "$base.md" \
@@ -131,7 +131,7 @@ set +e
     2>&1 | tee "$base.log"
 rc=${PIPESTATUS[0]}
 set -e
-for d in "$scratch"/work/srv*; do
+for d in "$scratch"/rounds/srv*; do
     [ -f "$d/server.log" ] || continue
     printf '\n== %s/server.log\n' "$(basename "$d")"
     cat "$d/server.log"
