@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,3 +185,37 @@ def run(cmd: list[str], *, check: bool = True, timeout: float = 120,
             f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
         )
     return proc
+
+
+def qemu_io(uri: str, commands: list[str]) -> None:
+    """Run qemu-io commands on a raw NBD export; every one must report its bytes."""
+    require("qemu-io")
+    cmd = ["qemu-io", "-f", "raw"]
+    for c in commands:
+        cmd += ["-c", c]
+    out = run([*cmd, uri]).stdout
+    assert out.count("bytes at offset") == len(commands), out
+
+
+@contextmanager
+def qmp_only_server(workdir: Path) -> Iterator[Path]:
+    """``nbdfleece serve --qmp`` alone (no NBD listener until nbd-server-start).
+
+    Yields the QMP socket; at exit the server is stopped with SIGTERM and must exit 0.
+    """
+    sock = workdir / "qmp.sock"
+    log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen([PYTHON, "-m", "nbdfleece", "serve", "--qmp", f"unix:{sock}"],
+                              stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+    try:
+        deadline = time.monotonic() + 15
+        while not sock.exists():
+            assert server.poll() is None, (workdir / "server.log").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        yield sock
+    finally:
+        server.terminate()
+        rc = server.wait(30)
+        log.close()
+    assert rc == 0, (workdir / "server.log").read_text()

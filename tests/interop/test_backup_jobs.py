@@ -8,19 +8,16 @@ running bitmap job, which must give the bitmap back; QEMU's validation errors.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import subprocess
-import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import require, run
+from tests.conftest import qmp_only_server, require, run
 from tests.interop.test_fleecing import bitmaps_of, free_port
 
 QMP = pytest.importorskip("qemu.qmp")
@@ -28,26 +25,6 @@ SIZE = 64 << 20
 pytestmark = pytest.mark.interop
 
 Scenario = Callable[[Any, list[dict[str, Any]], str], Awaitable[dict[str, Any]]]
-
-
-@contextlib.contextmanager
-def serving(tmp_path: Path) -> Iterator[Path]:
-    sock = tmp_path / "qmp.sock"
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen([sys.executable, "-m", "nbdfleece", "serve", "--qmp", f"unix:{sock}"],
-                              stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            assert server.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        yield sock
-    finally:
-        server.terminate()
-        rc = server.wait(30)
-        log.close()
-    assert rc == 0, (tmp_path / "server.log").read_text()
 
 
 def drive(tmp_path: Path, live: Path, scenario: Scenario) -> dict[str, Any]:
@@ -76,7 +53,7 @@ def drive(tmp_path: Path, live: Path, scenario: Scenario) -> dict[str, Any]:
             collector.cancel()
             await client.disconnect()
 
-    with serving(tmp_path) as sock:
+    with qmp_only_server(tmp_path) as sock:
         return asyncio.run(main(sock))
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PYTHON, ServerProcess, make_image, require, run
+from tests.conftest import PYTHON, ServerProcess, make_image, qemu_io, require, run
 
 pytestmark = pytest.mark.interop
 
@@ -103,15 +103,6 @@ def qemu_img_map(server: ServerProcess, export: str, context: str) -> list[Run]:
         assert e["zero"] is False, e
         rows.append((e["start"], e["length"], 0 if e["data"] else 1))
     return rows
-
-
-def qemu_io(uri: str, commands: list[str]) -> None:
-    require("qemu-io")
-    cmd = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        cmd += ["-c", c]
-    out = run([*cmd, uri]).stdout
-    assert out.count("bytes at offset") == len(commands), out
 
 
 def connect(nbd: ModuleType, uri: str, *contexts: str) -> Any:

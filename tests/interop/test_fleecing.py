@@ -12,16 +12,13 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import require, run
+from tests.conftest import qmp_only_server, require, run
 
 QMP = pytest.importorskip("qemu.qmp")
 SIZE = 64 << 20
@@ -93,24 +90,9 @@ async def scenario(sock: Path, live: Path, target: Path, fmt: str, port: int, wo
 
 def run_with_qmp_server(tmp_path: Path, body: Callable[[Path, int], Awaitable[Any]]) -> Any:
     """Start ``nbdfleece serve --qmp`` alone, run ``body(sock, port)``, stop it (rc 0)."""
-    sock = tmp_path / "qmp.sock"
     port = free_port()
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen([sys.executable, "-m", "nbdfleece", "serve", "--qmp", f"unix:{sock}"],
-                              stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            assert server.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        result = asyncio.run(body(sock, port))
-    finally:
-        server.terminate()
-        rc = server.wait(30)
-        log.close()
-    assert rc == 0, (tmp_path / "server.log").read_text()
-    return result
+    with qmp_only_server(tmp_path) as sock:
+        return asyncio.run(body(sock, port))
 
 
 def bitmaps_of(nodes: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:

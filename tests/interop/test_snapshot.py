@@ -30,7 +30,7 @@ import numpy.typing as npt
 import pytest
 from qemu.qmp import QMPClient
 
-from tests.conftest import ServerProcess, require, run
+from tests.conftest import ServerProcess, qemu_io, require, run
 from tests.interop.test_bitmaps import expected_runs, full_map, nbdinfo_map
 
 pytestmark = pytest.mark.interop
@@ -72,15 +72,6 @@ def cli(server: ServerProcess, *args: str, check: bool = True) -> subprocess.Com
     if check:
         assert proc.returncode == 0, f"{args}: rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     return proc
-
-
-def qemu_io(uri: str, commands: list[str]) -> None:
-    require("qemu-io")
-    cmd = ["qemu-io", "-f", "raw"]
-    for c in commands:
-        cmd += ["-c", c]
-    out = run([*cmd, uri]).stdout
-    assert out.count("bytes at offset") == len(commands), out
 
 
 def nbdcopy(uri: str, out: Path) -> bytes:
