@@ -240,10 +240,8 @@ class Daemon:
             f.truncate(store.size)
         target = FileStore(f"{name}-overlay", overlay)
         # ---- from here on, no await: the snapshot instant --------------------------
-        tracking = base.top
-        cbw = CopyBeforeWrite(f"{name}-cbw", tracking.child, target,
-                              pre_inflight=tracking.in_flight(), on_cbw_error=on_cbw_error)
-        tracking.child = cbw
+        cbw = self._new_cbw(base, f"{name}-cbw", target, on_cbw_error)
+        base.top.child = cbw
         view = SnapshotView(name, cbw)
         node = GraphNode(f"snapshot-{name}", "snapshot-access", DirtyTracking(name, view))
         self.graph.nodes[node.name] = node
@@ -298,10 +296,8 @@ class Daemon:
             raise ControlError("Source and target image have different sizes")
         self.graph._check_new_name(name)
         base = self._image_node(file)
-        tracking = base.top
-        cbw = CopyBeforeWrite(name, tracking.child, target.top, pre_inflight=tracking.in_flight(),
-                              on_cbw_error=on_cbw_error)
-        tracking.child = cbw
+        cbw = self._new_cbw(base, name, target.top, on_cbw_error)
+        base.top.child = cbw
         node = GraphNode(name, "copy-before-write", DirtyTracking(name, Layer(name, file.top)),
                          children=[file, target])
         self._filters[name] = cbw
@@ -330,6 +326,18 @@ class Daemon:
         self.graph.nodes[name] = node
         return node
 
+    @staticmethod
+    def _new_cbw(base: GraphNode, name: str, target: BlockNode, on_cbw_error: str) -> CopyBeforeWrite:
+        """A filter for insertion right under ``base``'s tracking layer.
+
+        Its child and the requests it must wait for (those already below the
+        tracking layer) come from that same layer; the caller inserts it
+        (``base.top.child = cbw``) with no await in between.
+        """
+        tracking = base.top
+        return CopyBeforeWrite(name, tracking.child, target, pre_inflight=tracking.in_flight(),
+                               on_cbw_error=on_cbw_error)
+
     def _job_nodes(self, job_id: str, device: str, target: str) -> tuple[GraphNode, GraphNode]:
         """The checks every backup job starts with: (source, target) nodes."""
         if job_id in self.jobs:
@@ -356,11 +364,9 @@ class Daemon:
         if any(j.target is dest for j in self.jobs.values()):
             raise ControlError(f"Node '{target}' is busy: block device is in use by block job")
         base = self._image_node(source)
-        tracking = base.top
         data = dest.top.child
-        cbw = CopyBeforeWrite(job_id, tracking.child, data, pre_inflight=tracking.in_flight(),
-                              on_cbw_error=on_cbw_error)
-        tracking.child = cbw
+        cbw = self._new_cbw(base, job_id, data, on_cbw_error)
+        base.top.child = cbw
         dest.top.child = SnapshotView(dest.name, cbw)
         self._bitmap_fallback[dest.name] = source
         job = BackupJob(job_id, source, dest, base, cbw, data, "none")
@@ -399,8 +405,7 @@ class Daemon:
             self.graph._usable(live_bitmap, modify=True)
         base = self._image_node(source)
         # ---- from here on, no await: the job's point in time ------------------------
-        tracking = base.top
-        cbw = CopyBeforeWrite(job_id, tracking.child, dest.top, pre_inflight=tracking.in_flight())
+        cbw = self._new_cbw(base, job_id, dest.top, BREAK_GUEST_WRITE)
         selected = np.ones(cbw.done.size, dtype=bool)
         frozen: DirtyBitmap | None = None
         if live_bitmap is not None:
@@ -420,7 +425,7 @@ class Daemon:
             length = n * cbw.cluster
             if n and selected[-1]:
                 length -= cbw.done.size * cbw.cluster - cbw.size
-        tracking.child = cbw
+        base.top.child = cbw
         source.users += 1  # neither end may be deleted while the job runs
         dest.users += 1
         job = BackupJob(job_id, source, dest, base, cbw, dest.top, sync, bitmap=live_bitmap,
