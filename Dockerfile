@@ -1,41 +1,68 @@
-# nbdfleece: an NBD server for incremental live backup.
+# nbdfleece: an NBD server for incremental live backup, as a small container image.
 #
 #   docker build -t nbdfleece .
-#   docker run -d -p 127.0.0.1:10809:10809 -v nbdfleece-data:/data nbdfleece
+#   docker run -d --name nbdfleece -p 127.0.0.1:10809:10809 -v nbdfleece-data:/data nbdfleece
 #   nbdinfo nbd://127.0.0.1/demo
 #
-# Arguments after the image name replace CMD: keep "--listen 0.0.0.0:10809"
-# (see README.md, "Docker").
-ARG BASE=python:3.11-slim-bookworm
-FROM ${BASE}
+# BASE_IMAGE is any Debian-like image with python3 (3.11 or later) and its venv module:
+# python:3.11-slim-bookworm by default; tools/container.sh passes a local Debian 12 minbase
+# image built with debootstrap where no registry serves base images. Podman: build with
+# --format docker, or the OCI format drops HEALTHCHECK.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
+FROM ${BASE_IMAGE} AS build
+# A CA bundle for pip inside the build, for networks whose HTTPS goes through an
+# intercepting proxy (tools/container.sh mounts the host's bundle and names it here).
+# Empty: pip's own bundle.
+ARG PIP_CERT=""
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+# A venv works the same on both bases (no --break-system-packages on Debian's python3).
+# The dependencies get their own layer, so a code change does not fetch numpy again.
+COPY pyproject.toml /src/
+RUN python3 -m venv /opt/nbdfleece \
+    && /opt/nbdfleece/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" > /src/requirements.txt \
+    && /opt/nbdfleece/bin/pip install -r /src/requirements.txt
+COPY README.md /src/
+COPY nbdfleece/ /src/nbdfleece/
+COPY tools/nbdfleece_backup/ /src/tools/nbdfleece_backup/
+RUN /opt/nbdfleece/bin/pip install --no-deps /src \
+    && /opt/nbdfleece/bin/pip uninstall -y -q pip setuptools \
+    && find /opt/nbdfleece -depth -type d -name tests -path '*/numpy/*' -exec rm -rf {} +
+
+FROM ${BASE_IMAGE}
+ENV PATH=/opt/nbdfleece/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
     NBDFLEECE_DATA=/data
-
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY nbdfleece/ nbdfleece/
-RUN pip install --no-cache-dir . \
-    && cd / && rm -rf /src \
-    && groupadd --system --gid 10809 nbdfleece \
-    && useradd --system --uid 10809 --gid nbdfleece --home-dir /data --no-create-home \
+COPY --from=build /opt/nbdfleece /opt/nbdfleece
+# The data folder belongs to the server's user before VOLUME, so a new named volume
+# starts with that owner.
+RUN groupadd --gid 10809 nbdfleece \
+    && useradd --no-log-init --uid 10809 --gid nbdfleece --home-dir /data --no-create-home \
         --shell /usr/sbin/nologin nbdfleece \
-    && mkdir -p /data && chown nbdfleece:nbdfleece /data
+    && mkdir -p /data && chown nbdfleece:nbdfleece /data && chmod 0750 /data \
+    && nbdfleece --version
 
-USER nbdfleece
+USER 10809:10809
 WORKDIR /data
-VOLUME /data
+VOLUME ["/data"]
 EXPOSE 10809
 
-# A real NBD handshake, stdlib only: read the 18-byte greeting, send client
-# flags 3 (FIXED_NEWSTYLE | NO_ZEROES) and NBD_OPT_ABORT, expect its 20-byte ACK.
-HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import socket,struct,sys;s=socket.create_connection(('127.0.0.1',10809),5);s.settimeout(5);f=s.makefile('rb');g=f.read(18);s.sendall(struct.pack('>IQII',3,0x49484156454F5054,2,0));a=f.read(20);sys.exit(0 if g[:16]==b'NBDMAGICIHAVEOPT' and a==struct.pack('>QIII',0x3E889045565A9,2,1,0) else 1)"]
+# A real NBD handshake (greeting, NBD_OPT_LIST, NBD_OPT_ABORT), not just a TCP connect.
+# A server moved to another port needs --health-cmd 'nbdfleece probe 127.0.0.1:PORT'.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \
+    CMD ["nbdfleece", "probe", "--timeout", "5"]
 
-# The server stops gracefully on SIGTERM: stops accepting, lets in-flight
-# requests finish, flushes, exits 0.
+# SIGTERM is a graceful stop: stop accepting, finish in-flight requests, flush, save
+# persistent bitmaps, exit 0. The server is PID 1 and handles the signal itself.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["nbdfleece", "serve"]
-CMD ["--listen", "0.0.0.0:10809", "--export", "demo=/data/demo.raw,create=1G"]
+# The embedded default (demo disk and QMP monitor in /data), but reachable from outside the
+# container: 0.0.0.0 inside it, so plaintext NBD on a non-loopback address must be allowed
+# (publish the port on 127.0.0.1, or use --tls). Arguments after the image name replace
+# this whole list.
+CMD ["--listen", "0.0.0.0:10809", "--allow-plaintext-network", \
+     "--export", "demo=/data/demo.raw,create=1G,description=nbdfleece demo disk", \
+     "--qmp", "unix:/data/qmp.sock"]

@@ -26,9 +26,10 @@
 #   SHARED_BENCH      the shared harness folder (default <repo>/../../shared/bench,
 #                     i.e. "$(dirname "$0")/../../shared/bench")
 #
-# Output: $OUT/cbw-<stamp>.md (table), .json (per-run records), .log (harness
-# output, then each server's log: the ours-cbw logs show the snapshot list of
-# every round).
+# Output: $OUT/cbw-<stamp>.md (table, then bench/cbw_summary.py's paired
+# first-pass ratios and server CPU seconds per GiB), .json (per-run records),
+# .log (harness output, then each server's log: the ours-cbw logs show the
+# snapshot list of every round).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -131,6 +132,9 @@ set +e
     2>&1 | tee "$base.log"
 rc=${PIPESTATUS[0]}
 set -e
+if [ -f "$base.json" ]; then
+    { echo; "$PEER_BENCH_PYTHON" "$here/cbw_summary.py" "$base.json"; } | tee -a "$base.md"
+fi
 for d in "$scratch"/rounds/srv*; do
     [ -f "$d/server.log" ] || continue
     printf '\n== %s/server.log\n' "$(basename "$d")"

@@ -29,11 +29,16 @@ from nbdfleece.config import (
     load_file,
     parse_bitmap_spec,
     parse_export_spec,
+    parse_fault_spec,
+    parse_tls_mode,
 )
 from nbdfleece.daemon import Daemon
 from nbdfleece.errors import ConfigError
 from nbdfleece.exports import ExportRegistry
 from nbdfleece.graph import ControlError
+from nbdfleece.probe import DEFAULT_ADDRESS as PROBE_ADDRESS
+from nbdfleece.probe import ProbeError, probe
+from nbdfleece.probe import describe as describe_probe
 from nbdfleece.qmp.client import QmpClient, QmpClientError
 from nbdfleece.qmp.server import serve_qmp
 from nbdfleece.server import (
@@ -43,6 +48,7 @@ from nbdfleece.server import (
     open_listener,
     systemd_listeners,
 )
+from nbdfleece.tls import TlsSettings, load_server_tls
 
 log = logging.getLogger("nbdfleece")
 
@@ -73,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         "of export NODE; repeatable",
     )
     serve.add_argument(
+        "--fault", action="append", default=[], metavar="SPEC",
+        help="NODE:OPS[,errno=E][,p=P][,range=START-END]...[,after=N][,once|count=N][,delay=S]"
+        "[,partial][,seed=N]: inject errors (or delays) into requests on the node of export NODE; "
+        "OPS is read, write, zero, trim, flush, status or all, joined with '+'; errno defaults "
+        "to EIO (none with only a delay); repeatable. For tests and drills.",
+    )
+    serve.add_argument(
         "--qmp", action="append", default=[], metavar="ADDR", nargs="?", const="",
         help="QMP monitor on unix:PATH (mode 0600) or HOST:PORT (loopback only); "
         "bare --qmp uses unix:DATA_DIR/qmp.sock",
@@ -85,6 +98,32 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--handshake-timeout", type=float, metavar="SECONDS")
     serve.add_argument("--request-timeout", type=float, metavar="SECONDS")
     serve.add_argument("--idle-timeout", type=float, metavar="SECONDS")
+    serve.add_argument(
+        "--tls", choices=["off", "optional", "required"],
+        help="NBD_OPT_STARTTLS: off, optional (clients choose; tls-only exports need it) or "
+        "required (every option but STARTTLS refused before TLS). Default: required when "
+        "credentials are given, else off",
+    )
+    serve.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM, with chain)")
+    serve.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    serve.add_argument(
+        "--tls-ca", metavar="FILE",
+        help="require client certificates signed by this CA (PEM); needed by tls-allow",
+    )
+    serve.add_argument(
+        "--tls-creds-dir", metavar="DIR",
+        help="QEMU/libnbd layout: server-cert.pem, server-key.pem, and ca-cert.pem (verifies "
+        "client certificates when present), ca-crl.pem (optional)",
+    )
+    serve.add_argument(
+        "--tls-psk", metavar="FILE",
+        help="TLS-PSK keys, IDENTITY:HEXKEY per line (psktool); needs Python 3.13 or later",
+    )
+    serve.add_argument(
+        "--allow-plaintext-network", action="store_true",
+        help="allow listening without TLS on TCP addresses other than loopback: anyone who can "
+        "connect reads and writes the exports, and data crosses the network unencrypted",
+    )
     serve.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
@@ -114,7 +153,29 @@ def build_parser() -> argparse.ArgumentParser:
     delete = snap_sub.add_parser("delete", help="remove a snapshot export and its overlay")
     delete.add_argument("name")
     snap_sub.add_parser("list", help="list snapshots")
+    probe = sub.add_parser(
+        "probe", help="check that an NBD server answers a handshake (health checks)",
+        description="Connect, do the fixed-newstyle handshake and NBD_OPT_LIST (or NBD_OPT_INFO "
+        "for --export), then NBD_OPT_ABORT. Exit 0 if the server answered, 1 if not.",
+    )
+    probe.add_argument("address", nargs="?", default=PROBE_ADDRESS, metavar="ADDR",
+                       help=f"HOST:PORT, [V6ADDR]:PORT or unix:PATH (default {PROBE_ADDRESS})")
+    probe.add_argument("--export", metavar="NAME", help="also require this export (NBD_OPT_INFO)")
+    probe.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                       help="for the whole handshake (default 5)")
+    probe.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     return parser
+
+
+def probe_command(args: argparse.Namespace) -> int:
+    try:
+        result = probe(args.address, args.export, args.timeout)
+    except (ProbeError, OSError) as exc:
+        print(f"nbdfleece probe: {args.address}: {exc or type(exc).__name__}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"nbdfleece probe: {describe_probe(args.address, result, args.export)}")
+    return 0
 
 
 def snapshot_command(args: argparse.Namespace) -> int:
@@ -178,7 +239,14 @@ def resolve_config(args: argparse.Namespace, argv: Sequence[str]) -> ServerConfi
         if value < 0:
             raise ConfigError(f"--{key.replace('_', '-')} must not be negative")
     limits: Limits = dataclasses.replace(cfg.limits, **overrides)
-    return ServerConfig(tuple(listen), tuple(exports), limits, tuple(bitmaps), tuple(qmp), data_dir)
+    faults = list(cfg.faults) + [parse_fault_spec(s) for s in args.fault]
+    tls = cfg.tls.merged(TlsSettings(
+        mode=parse_tls_mode(args.tls) if args.tls else None, cert=args.tls_cert, key=args.tls_key,
+        ca=args.tls_ca, creds_dir=args.tls_creds_dir, psk=args.tls_psk,
+    ))
+    return ServerConfig(tuple(listen), tuple(exports), limits, tuple(bitmaps), tuple(qmp), data_dir,
+                        faults=tuple(faults), tls=tls,
+                        allow_plaintext_network=cfg.allow_plaintext_network or args.allow_plaintext_network)
 
 
 def open_exports(daemon: Daemon, cfg: ServerConfig) -> None:
@@ -194,6 +262,11 @@ def open_exports(daemon: Daemon, cfg: ServerConfig) -> None:
             graph.add_file(ec.name, ec.path, read_only=ec.readonly)
         except ControlError as exc:
             raise ConfigError(f"export '{ec.name}': {exc.desc}") from None
+    for fc in cfg.faults:
+        fault_node = graph.nodes.get(fc.node)
+        if fault_node is None:
+            raise ConfigError(f"fault on '{fc.node}': no export named '{fc.node}'")
+        graph.insert_fault(fault_node, fc.spec)
     wanted = list(cfg.bitmaps) + [
         BitmapConfig(ec.name, b) for ec in cfg.exports for b in ec.bitmaps
     ]
@@ -218,15 +291,29 @@ def open_exports(daemon: Daemon, cfg: ServerConfig) -> None:
 
 
 async def run(cfg: ServerConfig) -> None:
+    server_tls = load_server_tls(
+        cfg.tls,
+        tls_only=[ec.name for ec in cfg.exports if ec.tls_only],
+        allow={ec.name: ec.tls_allow for ec in cfg.exports if ec.tls_allow},
+    )
     listeners = systemd_listeners()
     for spec in cfg.listen:
         try:
             listeners.append(open_listener(spec))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot listen on {spec}: {exc}") from None
-    server = Server(ExportRegistry(), cfg.limits)
+    server = Server(ExportRegistry(), cfg.limits, tls=server_tls,
+                    allow_plaintext_network=cfg.allow_plaintext_network)
+    for lsock in listeners:
+        try:
+            server.check_listener(lsock)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if server_tls is not None:
+        log.info("TLS %s: %s", server_tls.policy.mode.value, server_tls.description)
     daemon = Daemon(server, cfg.data_dir)
     try:
+        daemon.recover_interrupted()
         open_exports(daemon, cfg)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
@@ -249,8 +336,7 @@ async def run(cfg: ServerConfig) -> None:
                     async for signum in signals:
                         log.info("%s received: stopping gracefully", signal.Signals(signum).name)
                         server.shutdown()  # serve() drains NBD connections, then returns
-                        for job_id in list(daemon.jobs):  # their tasks run in ``nursery``
-                            daemon.cancel_job(job_id)
+                        daemon.cancel_all_jobs()  # their tasks run in ``nursery``
                         monitors.cancel_scope.cancel()
                         break
     finally:
@@ -264,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv[1:])
     if args.command == "snapshot":
         return snapshot_command(args)
+    if args.command == "probe":
+        return probe_command(args)
     if args.command != "serve":
         parser.print_help()
         return 2

@@ -9,6 +9,7 @@ same objects.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import numpy as np
 import trio
 
 from nbdfleece.bitmap import DirtyBitmap
-from nbdfleece.block.cbw import BREAK_GUEST_WRITE, CopyBeforeWrite, SnapshotView
+from nbdfleece.block.cbw import BREAK_GUEST_WRITE, BREAK_SNAPSHOT, CopyBeforeWrite, SnapshotView
 from nbdfleece.block.file import FileStore
 from nbdfleece.block.node import BlockNode, Layer
 from nbdfleece.block.tracking import DirtyTracking
@@ -27,11 +28,38 @@ from nbdfleece.exports import Export, ExportRegistry, ExtentProvider
 from nbdfleece.extents import ExtentArray, as_extents
 from nbdfleece.graph import BlockGraph, ControlError, GraphNode
 from nbdfleece.qmp.events import EventBroadcaster
+from nbdfleece.recovery import Interrupted, JobJournal, recover
 from nbdfleece.server import Server, describe_listener, open_listener
+from nbdfleece.tls import ServerTls, TlsCredsObject
 
 log = logging.getLogger(__name__)
 
 BitmapRef = str | dict[str, str]
+
+JOB_TRANSITIONS: dict[str, frozenset[str]] = {
+    "undefined": frozenset({"created"}),
+    "created": frozenset({"running", "aborting", "null"}),
+    "running": frozenset({"paused", "ready", "waiting", "aborting"}),
+    "paused": frozenset({"running"}),
+    "ready": frozenset({"standby", "waiting", "aborting"}),
+    "standby": frozenset({"ready"}),
+    "waiting": frozenset({"pending", "aborting"}),
+    "pending": frozenset({"aborting", "concluded"}),
+    "aborting": frozenset({"aborting", "concluded"}),
+    "concluded": frozenset({"null"}),
+    "null": frozenset(),
+}
+"""QEMU 7.2's job state transition table (``JobSTT`` in job.c)."""
+_ACTIVE = frozenset({"created", "running", "paused", "ready", "standby"})
+JOB_VERBS: dict[str, frozenset[str]] = {
+    "cancel": _ACTIVE | {"waiting", "pending"},
+    "pause": _ACTIVE,
+    "resume": _ACTIVE,
+    "complete": frozenset({"ready", "standby"}),
+    "finalize": frozenset({"pending"}),
+    "dismiss": frozenset({"concluded"}),
+}
+"""In which states a job accepts each command verb (``JobVerbTable``)."""
 
 
 @dataclass(eq=False)
@@ -59,7 +87,7 @@ class BackupJob:
     cbw: CopyBeforeWrite
     target_data: BlockNode
     sync: str
-    status: str = "running"
+    status: str = "undefined"
     bitmap: DirtyBitmap | None = None
     """The live bitmap a push job reads (``sync: bitmap/incremental``, or full/top + bitmap)."""
     frozen: DirtyBitmap | None = None
@@ -70,7 +98,16 @@ class BackupJob:
     length: int = 0
     offset: int = 0
     scope: trio.CancelScope | None = None
-    finished: bool = False
+    auto_finalize: bool = True
+    auto_dismiss: bool = True
+    started: bool = False
+    """``job_start`` ran (a transaction's commit); an unstarted job ends silently."""
+    cancelled: bool = False
+    user_paused: bool = False
+    resumed: trio.Event | None = None
+    """Set when a paused push job may go on."""
+    error: str | None = None
+    """QEMU's ``job->err``: why the job ended unsuccessfully (shown by query-jobs)."""
 
     @property
     def push(self) -> bool:
@@ -121,10 +158,14 @@ class Daemon:
         self.exports: dict[str, ExportRecord] = {}
         self._nbd_listeners: list[Callable[[], None]] = []
         self.nbd_addresses: list[str] = []
+        self.objects: dict[str, TlsCredsObject] = {}
+        """QMP ``object-add`` objects by id (TLS credentials)."""
         self.events = EventBroadcaster()
         """QMP events (``emit_event(name, data)``) go to every connected monitor."""
         self.job_nursery: trio.Nursery | None = None
         """Where push backup jobs run (set by ``serve``; else trio system tasks)."""
+        self.journal = JobJournal(data_dir)
+        """Overlays and targets being written, for clean-up after a crash (``recovery.py``)."""
 
     # -- exports -------------------------------------------------------------------
     def add_export(
@@ -236,6 +277,7 @@ class Daemon:
             self.graph._usable(source, modify=False)
         os.makedirs(self.data_dir, exist_ok=True)
         overlay = os.path.join(self.data_dir, f"snapshot-{name}.overlay")
+        self.journal.record(f"snapshot:{name}", "snapshot", name, overlay, owned=True)
         with open(overlay, "wb") as f:
             f.truncate(store.size)
         target = FileStore(f"{name}-overlay", overlay)
@@ -268,9 +310,11 @@ class Daemon:
         self._unlink(snapshot.base, snapshot.cbw)
         self.graph.nodes.pop(snapshot.node.name, None)
         del self.snapshots[name]
+        await snapshot.cbw.drain()  # no copy may still be writing to the fd being closed
         await snapshot.target.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(snapshot.overlay)
+        self.journal.forget(f"snapshot:{name}")
         log.info("snapshot '%s' deleted (%d bytes were copied)", name, snapshot.cbw.copied_bytes)
 
     def _image_node(self, node: GraphNode) -> GraphNode:
@@ -281,14 +325,17 @@ class Daemon:
 
     # -- blockdev-backup jobs ---------------------------------------------------------
     def add_cbw_node(self, name: str, file: GraphNode, target: GraphNode, *,
-                     on_cbw_error: str = BREAK_GUEST_WRITE) -> GraphNode:
+                     on_cbw_error: str = BREAK_GUEST_WRITE, bitmap: DirtyBitmap | None = None,
+                     cbw_timeout: float = 0.0) -> GraphNode:
         """``blockdev-add driver=copy-before-write``: from now on, old data of ``file``
         is copied into ``target`` before it is overwritten.
 
         Unlike QEMU 7.2 the filter is inserted, in one event-loop step, under the
         image node of ``file``, so writes that arrive through any parent (a running
         export included) are covered: no ``blockdev-reopen``, no pause of writers.
-        The node itself reads and writes like ``file``.
+        The node itself reads and writes like ``file``.  With ``bitmap`` only its
+        clusters are copied and readable through ``snapshot-access`` (the bitmap
+        is read once, now); ``cbw_timeout`` bounds each copy, see ``block/cbw.py``.
         """
         if target is file or self._image_node(target) is self._image_node(file):
             raise ControlError("Source and target cannot be the same")
@@ -296,7 +343,15 @@ class Daemon:
             raise ControlError("Source and target image have different sizes")
         self.graph._check_new_name(name)
         base = self._image_node(file)
-        cbw = self._new_cbw(base, name, target.top, on_cbw_error)
+        if bitmap is not None:  # QEMU's bdrv_merge_dirty_bitmap checks, with its prefixes
+            problem = (f"Bitmap '{bitmap.name}' is inconsistent and cannot be used" if bitmap.inconsistent
+                       else "Bitmaps are incompatible and can't be merged"
+                       if bitmap.size != file.top.size else None)
+            if problem is not None:
+                raise ControlError(f"Cannot create block-copy-state: Failed to merge bitmap "
+                                   f"'{bitmap.name}' to internal copy-bitmap: {problem}")
+        cbw = self._new_cbw(base, name, target.top, on_cbw_error, bitmap=bitmap,
+                            cbw_timeout=cbw_timeout)
         base.top.child = cbw
         node = GraphNode(name, "copy-before-write", DirtyTracking(name, Layer(name, file.top)),
                          children=[file, target])
@@ -306,8 +361,12 @@ class Daemon:
             self._unlink(base, cbw)
             cbw.deleted = True
             self._filters.pop(name, None)
+            self.journal.forget(f"cbw:{name}")
 
         node.detach = detach
+        image = target.image()
+        if image is not None:
+            self.journal.record(f"cbw:{name}", "copy-before-write node", name, image.path)
         file.users += 1
         target.users += 1
         self.graph.nodes[name] = node
@@ -327,7 +386,8 @@ class Daemon:
         return node
 
     @staticmethod
-    def _new_cbw(base: GraphNode, name: str, target: BlockNode, on_cbw_error: str) -> CopyBeforeWrite:
+    def _new_cbw(base: GraphNode, name: str, target: BlockNode, on_cbw_error: str, *,
+                 bitmap: DirtyBitmap | None = None, cbw_timeout: float = 0.0) -> CopyBeforeWrite:
         """A filter for insertion right under ``base``'s tracking layer.
 
         Its child and the requests it must wait for (those already below the
@@ -336,7 +396,7 @@ class Daemon:
         """
         tracking = base.top
         return CopyBeforeWrite(name, tracking.child, target, pre_inflight=tracking.in_flight(),
-                               on_cbw_error=on_cbw_error)
+                               on_cbw_error=on_cbw_error, bitmap=bitmap, cbw_timeout=cbw_timeout)
 
     def _job_nodes(self, job_id: str, device: str, target: str) -> tuple[GraphNode, GraphNode]:
         """The checks every backup job starts with: (source, target) nodes."""
@@ -351,14 +411,15 @@ class Daemon:
         return source, dest
 
     def start_fleecing(
-        self, job_id: str, device: str, target: str, *, on_cbw_error: str = BREAK_GUEST_WRITE
+        self, job_id: str, device: str, target: str, *, on_cbw_error: str = BREAK_GUEST_WRITE,
+        auto_finalize: bool = True, auto_dismiss: bool = True,
     ) -> BackupJob:
         """``blockdev-backup sync=none``: from now on ``target`` reads as ``device`` did now.
 
         Synchronous on purpose (a transaction action): the filter goes in, in
         one event-loop step, under the device's image node, copying old data
         into the target's data layer; the target's reads are switched to the
-        point-in-time view.
+        point-in-time view.  The job is ``created``; :meth:`start_job` runs it.
         """
         source, dest = self._job_nodes(job_id, device, target)
         if any(j.target is dest for j in self.jobs.values()):
@@ -369,10 +430,13 @@ class Daemon:
         base.top.child = cbw
         dest.top.child = SnapshotView(dest.name, cbw)
         self._bitmap_fallback[dest.name] = source
-        job = BackupJob(job_id, source, dest, base, cbw, data, "none")
+        source.users += 1  # neither end may be deleted while the job exists
+        dest.users += 1
+        job = BackupJob(job_id, source, dest, base, cbw, data, "none",
+                        auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
         self.jobs[job_id] = job
-        self._job_event("created", job)
-        self._job_event("running", job)
+        self._journal_job(job)
+        self._transition(job, "created")
         return job
 
     def start_push_backup(
@@ -384,13 +448,16 @@ class Daemon:
         *,
         bitmap: str | None = None,
         bitmap_mode: str | None = None,
+        auto_finalize: bool = True,
+        auto_dismiss: bool = True,
     ) -> BackupJob:
         """``blockdev-backup`` with ``sync`` full, top, bitmap or incremental.
 
         The same copy-before-write filter as fleecing keeps the job's view at
-        the start instant while guest writes go on; a background task copies
-        the chosen clusters into ``target`` in order.  Everything up to the
-        task's start happens in one event-loop step (a transaction action).
+        the start instant while guest writes go on; once started
+        (:meth:`start_job`) a background task copies the chosen clusters into
+        ``target`` in order.  Everything here happens in one event-loop step
+        (a transaction action); the job is ``created``.
         """
         source, dest = self._job_nodes(job_id, device, target)
         if dest.top.read_only:
@@ -405,8 +472,10 @@ class Daemon:
             self.graph._usable(live_bitmap, modify=True)
         base = self._image_node(source)
         # ---- from here on, no await: the job's point in time ------------------------
-        cbw = self._new_cbw(base, job_id, dest.top, BREAK_GUEST_WRITE)
-        selected = np.ones(cbw.done.size, dtype=bool)
+        # A copy that fails (a full target) never fails the guest's write: the
+        # filter breaks instead and the job fails at its next step.
+        cbw = self._new_cbw(base, job_id, dest.top, BREAK_SNAPSHOT)
+        selected = np.ones(cbw.pending.size, dtype=bool)
         frozen: DirtyBitmap | None = None
         if live_bitmap is not None:
             frozen = DirtyBitmap(live_bitmap.name, live_bitmap.size, live_bitmap.granularity,
@@ -418,28 +487,36 @@ class Daemon:
                 clusters = DirtyBitmap("selected", cbw.size, cbw.cluster, recording=False)
                 clusters.merge_from(frozen)
                 selected = clusters.bits.copy()
-        cbw.done[~selected] = True  # guest writes copy only clusters the job wants
+        cbw.restrict(selected)  # guest writes copy only clusters the job wants
         length = cbw.size
         if sync in ("bitmap", "incremental"):
             n = int(np.count_nonzero(selected))
             length = n * cbw.cluster
             if n and selected[-1]:
-                length -= cbw.done.size * cbw.cluster - cbw.size
+                length -= cbw.pending.size * cbw.cluster - cbw.size
         base.top.child = cbw
-        source.users += 1  # neither end may be deleted while the job runs
+        source.users += 1  # neither end may be deleted while the job exists
         dest.users += 1
         job = BackupJob(job_id, source, dest, base, cbw, dest.top, sync, bitmap=live_bitmap,
                         frozen=frozen, bitmap_mode=bitmap_mode or "on-success",
-                        selected=selected, length=length, scope=trio.CancelScope())
+                        selected=selected, length=length, scope=trio.CancelScope(),
+                        auto_finalize=auto_finalize, auto_dismiss=auto_dismiss)
         self.jobs[job_id] = job
-        self._job_event("created", job)
-        self._job_event("running", job)
-        if self.job_nursery is not None:
-            self.job_nursery.start_soon(self._run_push, job, name=f"backup-job-{job_id}")
-        else:
-            trio.lowlevel.spawn_system_task(self._run_push, job, name=f"backup-job-{job_id}")
-        log.info("backup job '%s' (%s) of '%s' to '%s' started", job_id, sync, device, target)
+        self._journal_job(job)
+        self._transition(job, "created")
+        log.info("backup job '%s' (%s) of '%s' to '%s' created", job_id, sync, device, target)
         return job
+
+    def start_job(self, job: BackupJob) -> None:
+        """QEMU's ``job_start`` (a transaction's commit): ``created`` -> ``running``."""
+        job.started = True
+        self._transition(job, "running")
+        if not job.push:
+            return
+        if self.job_nursery is not None:
+            self.job_nursery.start_soon(self._run_push, job, name=f"backup-job-{job.id}")
+        else:
+            trio.lowlevel.spawn_system_task(self._run_push, job, name=f"backup-job-{job.id}")
 
     async def _run_push(self, job: BackupJob) -> None:
         assert job.scope is not None and job.selected is not None
@@ -448,120 +525,248 @@ class Daemon:
         error: OSError | None = None
         with job.scope:
             try:
-                for first in range(0, cbw.done.size, chunk):
-                    last = min(first + chunk, cbw.done.size) - 1
+                for first in range(0, cbw.pending.size, chunk):
+                    await self._pause_point(job)
+                    if cbw.broken is not None:  # a guest write's copy failed
+                        raise cbw.broken
+                    last = min(first + chunk, cbw.pending.size) - 1
                     wanted = job.selected[first : last + 1]
-                    if wanted.any() and not cbw.done[first : last + 1].all():
+                    if cbw.pending[first : last + 1].any():
                         await cbw.copy_range(first * cbw.cluster, (last + 1 - first) * cbw.cluster,
                                              allocated_only=job.sync == "top")
                     else:
                         await trio.lowlevel.checkpoint()
                     n = int(np.count_nonzero(wanted))
                     job.offset = min(job.offset + n * cbw.cluster, job.length)
+                if cbw.broken is not None:
+                    raise cbw.broken
                 await job.target_data.flush()
             except OSError as exc:
                 error = exc
             except Exception as exc:  # a bug: report it as the job's error, keep serving
                 log.exception("backup job '%s' failed", job.id)
                 error = OSError(str(exc))
-        if job.finished:  # cancelled: cancel_job has cleaned up
+        if job.status != "running":  # cancelled meanwhile: cancel_job has settled it
             return
-        self._finish_push(job, error)
         if error is None:
-            for status in ("waiting", "pending"):
-                self._job_event(status, job)
-            self._push_completed(job, None)
             log.info("backup job '%s' completed (%d bytes)", job.id, job.length)
         else:
             log.error("backup job '%s' failed: %s", job.id, error)
             self.events.emit_event("BLOCK_JOB_ERROR", {
                 "device": job.id, "operation": cbw.copy_op, "action": "report",
             })
-            self._job_event("aborting", job)
-            self._push_completed(job, error)
-        self._job_event("concluded", job)
-        self._job_event("null", job)
+        self._job_completed(job, error)
 
-    def _finish_push(self, job: BackupJob, error: OSError | None) -> None:
-        """Remove the filter and settle the bitmap; ``error`` None means success."""
-        job.finished = True
-        self._unlink(job.base, job.cbw)
-        job.device.users -= 1
-        job.target.users -= 1
-        del self.jobs[job.id]
-        if job.bitmap is not None and job.frozen is not None:
-            job.bitmap.busy -= 1
-            if error is None:
-                if job.bitmap_mode == "never":
-                    job.bitmap.merge_from(job.frozen)
-            elif job.bitmap_mode == "always":
-                assert job.selected is not None
-                uncopied = DirtyBitmap("uncopied", job.cbw.size, job.cbw.cluster, recording=False)
-                uncopied.bits = job.selected & ~job.cbw.done
-                if job.sync in ("bitmap", "incremental"):
-                    job.bitmap.merge_from(uncopied)
-                else:  # full/top: only what was dirty and not copied
-                    kept = DirtyBitmap("kept", job.frozen.size, job.frozen.granularity, recording=False)
-                    kept.merge_from(uncopied)
-                    kept.bits &= job.frozen.bits
-                    job.bitmap.merge_from(kept)
+    async def _pause_point(self, job: BackupJob) -> None:
+        """Where a running push job honours ``job-pause`` (QEMU's job_pause_point)."""
+        if not job.user_paused:
+            return
+        self._transition(job, "paused")
+        while job.user_paused:
+            job.resumed = trio.Event()
+            await job.resumed.wait()
+        if job.status == "paused":
+            self._transition(job, "running")
+
+    # -- the job state machine (QEMU's job.c) ---------------------------------------------
+    def _job_completed(self, job: BackupJob, error: OSError | None) -> None:
+        """The job's work is over (``job_completed``): success waits for
+        finalization, a failure or a cancel aborts."""
+        if error is None and not job.cancelled:
+            self._transition(job, "waiting")
+            self._transition(job, "pending")
+            if not job.auto_finalize:
+                self.events.emit_event("BLOCK_JOB_PENDING", {"type": "backup", "id": job.id})
+                return
+            self._finalize(job)
+        else:
+            self._abort(job, error or OSError(errno.ECANCELED, os.strerror(errno.ECANCELED)))
+
+    def _abort(self, job: BackupJob, error: OSError) -> None:
+        job.error = os.strerror(error.errno) if error.errno else str(error)
+        self._transition(job, "aborting")
+        self._finalize(job, error)
+
+    def _finalize(self, job: BackupJob, error: OSError | None = None) -> None:
+        """``job_finalize_single``: commit or abort, clean up, report, conclude."""
+        self._clean(job, error)
+        if job.started:
+            offset, length = self.job_progress(job)
+            data: dict[str, object] = {"device": job.id, "len": length, "offset": offset,
+                                       "speed": 0, "type": "backup"}
+            if job.cancelled:
+                self.events.emit_event("BLOCK_JOB_CANCELLED", data)
             else:
-                job.bitmap.merge_from(job.frozen)
+                if job.error is not None:
+                    data["error"] = job.error
+                self.events.emit_event("BLOCK_JOB_COMPLETED", data)
+        self._transition(job, "concluded")
+        if job.auto_dismiss or not job.started:
+            self._dismiss(job)
+
+    def _clean(self, job: BackupJob, error: OSError | None) -> None:
+        """Settle the bitmap (commit/abort) and take the filter out (clean)."""
         if job.scope is not None:
             job.scope.cancel()
-
-    def _push_completed(self, job: BackupJob, error: OSError | None) -> None:
-        data: dict[str, object] = {
-            "device": job.id, "len": job.length, "offset": job.offset if error else job.length,
-            "speed": 0, "type": "backup",
-        }
-        if error is not None:
-            data["error"] = os.strerror(error.errno) if error.errno else str(error)
-        self.events.emit_event("BLOCK_JOB_COMPLETED", data)
-
-    def cancel_job(self, job_id: str) -> None:
-        job = self.jobs.get(job_id)
-        if job is None:
-            raise ControlError(f"Block job '{job_id}' not found", "DeviceNotActive")
-        if job.push:
-            self._finish_push(job, OSError("cancelled"))
-            self._job_event("aborting", job)
-            self.events.emit_event("BLOCK_JOB_CANCELLED", {
-                "device": job.id, "len": job.length, "offset": job.offset, "speed": 0,
-                "type": "backup",
-            })
-            self._job_event("concluded", job)
-            self._job_event("null", job)
-            return
         self._unlink(job.base, job.cbw)
-        job.target.top.child = job.target_data
-        self._bitmap_fallback.pop(job.target.name, None)
-        del self.jobs[job_id]
-        self._job_event("aborting", job)
-        self.events.emit_event("BLOCK_JOB_CANCELLED", {
-            "device": job.id, "len": job.device.top.size, "offset": job.cbw.copied_bytes,
-            "speed": 0, "type": "backup",
-        })
-        self._job_event("concluded", job)
-        self._job_event("null", job)
+        if not job.push:
+            job.cbw.deleted = True  # clients still reading must not fall through to live data
+            job.target.top.child = job.target_data
+            self._bitmap_fallback.pop(job.target.name, None)
+        self._journal_job_done(job, error)
+        if job.bitmap is None or job.frozen is None:
+            return
+        job.bitmap.busy -= 1
+        if error is None:
+            if job.bitmap_mode == "never":
+                job.bitmap.merge_from(job.frozen)
+        elif job.bitmap_mode == "always":
+            assert job.selected is not None
+            uncopied = DirtyBitmap("uncopied", job.cbw.size, job.cbw.cluster, recording=False)
+            uncopied.bits = job.selected & job.cbw.pending
+            if job.sync in ("bitmap", "incremental"):
+                job.bitmap.merge_from(uncopied)
+            else:  # full/top: only what was dirty and not copied
+                kept = DirtyBitmap("kept", job.frozen.size, job.frozen.granularity, recording=False)
+                kept.merge_from(uncopied)
+                kept.bits &= job.frozen.bits
+                job.bitmap.merge_from(kept)
+        else:
+            job.bitmap.merge_from(job.frozen)
+
+    def _dismiss(self, job: BackupJob) -> None:
+        self._transition(job, "null")
+        del self.jobs[job.id]
+        job.device.users -= 1
+        job.target.users -= 1
+
+    def _transition(self, job: BackupJob, status: str) -> None:
+        """Change the job's status (QEMU's allowed transitions) and tell every monitor."""
+        if status not in JOB_TRANSITIONS[job.status]:
+            raise AssertionError(f"job '{job.id}': {job.status} -> {status} is not a transition")
+        changed = status != job.status
+        job.status = status
+        if changed:
+            self.events.emit_event("JOB_STATUS_CHANGE", {"status": status, "id": job.id})
 
     @staticmethod
-    def job_progress(job: BackupJob) -> tuple[int, int]:
+    def _verb(job: BackupJob, verb: str) -> None:
+        if job.status not in JOB_VERBS[verb]:
+            raise ControlError(
+                f"Job '{job.id}' in state '{job.status}' cannot accept command verb '{verb}'")
+
+    # -- job commands (job-* by id, block-job-* by device) ---------------------------------
+    def find_job(self, job_id: str, *, block: bool) -> BackupJob:
+        job = self.jobs.get(job_id)
+        if job is None:
+            if block:
+                raise ControlError(f"Block job '{job_id}' not found", "DeviceNotActive")
+            raise ControlError("Job not found")
+        return job
+
+    def cancel_job(self, job: BackupJob) -> None:
+        """``job-cancel`` / ``block-job-cancel`` (a backup job always cancels hard)."""
+        self._verb(job, "cancel")
+        job.cancelled = True
+        if job.user_paused:
+            job.user_paused = False
+            if job.resumed is not None:
+                job.resumed.set()
+        if job.status == "paused":
+            self._transition(job, "running")
+        if job.scope is not None:
+            job.scope.cancel()
+        log.info("job '%s' cancelled (%s)", job.id, job.status)
+        self._abort(job, OSError(errno.ECANCELED, os.strerror(errno.ECANCELED)))
+
+    def cancel_all_jobs(self) -> None:
+        """At shutdown (QEMU's job_cancel_sync_all): cancel or dismiss every job."""
+        for job in self.jobs_newest_first():
+            if job.status == "concluded":
+                self._dismiss(job)
+            else:
+                self.cancel_job(job)
+
+    def pause_job(self, job: BackupJob) -> None:
+        self._verb(job, "pause")
+        if job.user_paused:
+            raise ControlError("Job is already paused")
+        job.user_paused = True
+        if not job.push and job.status == "running":
+            self._transition(job, "paused")  # nothing to wait for: paused at once
+
+    def resume_job(self, job: BackupJob) -> None:
+        if not job.user_paused:
+            raise ControlError("Can't resume a job that was not paused")
+        self._verb(job, "resume")
+        job.user_paused = False
+        if job.resumed is not None:
+            job.resumed.set()
+        if not job.push and job.status == "paused":
+            self._transition(job, "running")
+
+    def complete_job(self, job: BackupJob) -> None:
+        """Backup jobs are never ``ready``: QEMU refuses ``complete`` by the verb table."""
+        self._verb(job, "complete")
+        raise ControlError(f"The active block job '{job.id}' cannot be completed")
+
+    def finalize_job(self, job: BackupJob) -> None:
+        self._verb(job, "finalize")
+        self._finalize(job)
+
+    def dismiss_job(self, job: BackupJob) -> None:
+        self._verb(job, "dismiss")
+        self._dismiss(job)
+
+    def job_progress(self, job: BackupJob) -> tuple[int, int]:
         """``(offset, len)`` as QEMU reports them."""
         if job.push:
             return job.offset, job.length
         return job.cbw.copied_bytes, job.device.top.size
 
     def job_info(self, job: BackupJob) -> dict[str, object]:
+        """``query-block-jobs``' BlockJobInfo."""
         offset, length = self.job_progress(job)
-        return {
-            "auto-finalize": True, "io-status": "ok", "device": job.id, "auto-dismiss": True,
-            "busy": job.push, "len": length, "offset": offset,
-            "status": job.status, "paused": False, "speed": 0, "ready": False, "type": "backup",
+        info: dict[str, object] = {
+            "auto-finalize": job.auto_finalize, "io-status": "ok", "device": job.id,
+            "auto-dismiss": job.auto_dismiss, "busy": job.push and job.status == "running",
+            "len": length, "offset": offset, "status": job.status, "paused": job.user_paused,
+            "speed": 0, "ready": False, "type": "backup",
         }
+        if job.error is not None:
+            info["error"] = job.error
+        return info
 
-    def _job_event(self, status: str, job: BackupJob) -> None:
-        self.events.emit_event("JOB_STATUS_CHANGE", {"status": status, "id": job.id})
+    def job_query(self, job: BackupJob) -> dict[str, object]:
+        """``query-jobs``' JobInfo."""
+        offset, length = self.job_progress(job)
+        info: dict[str, object] = {"id": job.id, "type": "backup", "status": job.status,
+                                   "current-progress": offset, "total-progress": length}
+        if job.error is not None:
+            info["error"] = job.error
+        return info
+
+    def jobs_newest_first(self) -> list[BackupJob]:
+        """QEMU lists its jobs newest first."""
+        return list(reversed(self.jobs.values()))
+
+    # -- crash recovery (recovery.py) ------------------------------------------------------
+    def recover_interrupted(self) -> list[Interrupted]:
+        """At start-up: remove the overlays and report the targets a killed server left."""
+        try:
+            return recover(self.journal)
+        except OSError as exc:
+            log.error("cannot look for interrupted jobs in %s: %s", self.data_dir, exc)
+            return []
+
+    def _journal_job(self, job: BackupJob) -> None:
+        image = job.target.image()
+        if image is not None:
+            kind = "backup job" if job.push else "fleecing job"
+            self.journal.record(f"job:{job.id}", kind, job.id, image.path)
+
+    def _journal_job_done(self, job: BackupJob, error: OSError | None) -> None:
+        self.journal.forget(f"job:{job.id}", completed_full=error is None and job.sync == "full")
 
     @staticmethod
     def _unlink(base: GraphNode, layer_to_remove: Layer) -> None:
@@ -573,19 +778,21 @@ class Daemon:
             layer = layer.child
 
     # -- NBD listeners -------------------------------------------------------------
-    def nbd_server_start(self, addresses: list[str]) -> None:
+    def nbd_server_start(self, addresses: list[str], tls: ServerTls | None = None) -> None:
+        """Listen on ``addresses``; ``tls`` (QMP tls-creds) overrides the server's TLS."""
         if self._nbd_listeners:
             raise ControlError("NBD server already running")
         socks = []
         try:
             for spec in addresses:
                 socks.append(open_listener(spec))
+                self.server.check_listener(socks[-1], tls)  # no plaintext on the network
         except (OSError, ValueError) as exc:
             for sock in socks:
                 sock.close()
             raise ControlError(f"Failed to listen on {spec}: {exc}") from None
         self.nbd_addresses = [describe_listener(s) for s in socks]
-        self._nbd_listeners = [self.server.add_listener(s) for s in socks]
+        self._nbd_listeners = [self.server.add_listener(s, tls) for s in socks]
         for address in self.nbd_addresses:
             log.info("NBD server listening on %s", address)
 
@@ -598,8 +805,8 @@ class Daemon:
         self.nbd_addresses = []
 
     async def close(self) -> None:
-        for job_id in list(self.jobs):
-            self.cancel_job(job_id)
+        self.cancel_all_jobs()
         for name in list(self.snapshots):
             await self.delete_snapshot(name)
         await self.graph.close()
+        self.journal.close()

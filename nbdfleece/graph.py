@@ -6,7 +6,11 @@ any node and see every write that passes through it.  Drivers today:
 * ``file``: a :class:`FileStore` on a raw image or block device;
 * ``raw``: the format node over a ``file`` node (a pass-through);
 * ``qcow2``: a :class:`Qcow2Node` over a ``file`` node or an image path, with
-  a backing node or the backing file its header names.
+  a backing node or the backing file its header names;
+* ``x-nbdfleece-fault`` and ``blkdebug``: a :class:`FaultInjector` filter
+  over any node (``block/faults.py``);
+* ``nbd``: an :class:`NbdNode` whose bytes live on a remote NBD server
+  (``block/nbd.py``), connected before it is added here.
 
 Bitmap operations carry QEMU 7.2's error texts and return an *undo*
 callable, so a QMP ``transaction`` can roll back every action it already
@@ -25,7 +29,9 @@ from dataclasses import dataclass, field
 
 from nbdfleece import persistence
 from nbdfleece.bitmap import DEFAULT_GRANULARITY, DirtyBitmap, valid_granularity
+from nbdfleece.block.faults import FaultInjector, FaultSpec
 from nbdfleece.block.file import FileStore
+from nbdfleece.block.nbd import NbdNode
 from nbdfleece.block.node import BlockNode, Layer
 from nbdfleece.block.qcow2 import Qcow2Error, Qcow2Node
 from nbdfleece.block.tracking import DirtyTracking
@@ -182,6 +188,43 @@ class BlockGraph:
             child.users += 1
         self.nodes[name] = node
         return node
+
+    def add_nbd(self, name: str, remote: NbdNode, *, read_only: bool = False) -> GraphNode:
+        """An ``nbd`` node over an already connected :class:`NbdNode` (connecting
+        awaits, adding does not); deleting the node disconnects it."""
+        self._check_new_name(name)
+        if not read_only and remote.remote_read_only:
+            raise ControlError("NBD export is read-only")
+        remote.name = name
+        remote.read_only_option = read_only
+        node = GraphNode(name, "nbd", DirtyTracking(name, remote), format_node=remote)
+        self.nodes[name] = node
+        return node
+
+    def add_fault(self, name: str, image: GraphNode, specs: list[FaultSpec], *,
+                  driver: str = "x-nbdfleece-fault", read_only: bool = False) -> GraphNode:
+        """A fault-injection filter node over ``image`` (QMP ``x-nbdfleece-fault``
+        or ``blkdebug``), so it can sit under an overlay or a backup target."""
+        self._check_new_name(name)
+        layer = FaultInjector(name, image.top, specs, read_only=read_only)
+        node = GraphNode(name, driver, DirtyTracking(name, layer), children=[image])
+        image.users += 1
+        self.nodes[name] = node
+        log.info("fault node '%s' over '%s': %s", name, image.name,
+                 "; ".join(s.describe() for s in specs) or "no rules")
+        return node
+
+    def insert_fault(self, node: GraphNode, spec: FaultSpec) -> FaultInjector:
+        """Add a rule to the fault layer right under ``node``'s tracking layer,
+        inserting one there first if needed (``--fault NODE:...``): bitmaps
+        above it see every request, failed or not."""
+        layer = node.top.child
+        if not isinstance(layer, FaultInjector):
+            layer = FaultInjector(node.name, node.top.child)
+            node.top.child = layer
+        layer.add(spec)
+        log.info("fault rule on '%s': %s", node.name, spec.describe())
+        return layer
 
     async def remove(self, name: str) -> None:
         node = self.node(name)

@@ -7,14 +7,26 @@ sends whatever :meth:`ServerHandshake.data_to_send` returns, and calls
 :meth:`ServerHandshake.next_event` until it returns :data:`NEED_DATA`.  The
 handshake never touches a socket, so it is tested by feeding bytes.
 
-Phases (rule: every transition lives in ``next_event``)::
+Phases (rule: every transition lives in ``next_event``, except the end of TLS)::
 
     CLIENT_FLAGS --4 bytes--> OPTIONS --EXPORT_NAME / GO ok--> DONE (Negotiated)
-                                 |  \\--ABORT--> DONE (Closed, soft)
-                                 \\--MUST violated--> DONE (Closed, hard)
+                               |  ^  \\--ABORT--> DONE (Closed, soft)
+                               |  |   \\--MUST violated--> DONE (Closed, hard)
+                      STARTTLS |  | tls_established()
+                               v  |
+                               TLS (StartTLS: the edge runs the TLS handshake)
 
 ``OPTIONS`` may also be *skipping* the payload of an oversized option, which
 is discarded as it arrives (never buffered) and then answered TOO_BIG.
+
+TLS (see ``protocol/nbd.md`` §12): with a :class:`~nbdfleece.tls.TlsPolicy`
+in a TLS mode, a valid ``NBD_OPT_STARTTLS`` queues ``NBD_REP_ACK`` and
+returns :class:`StartTLS`.  The edge sends the ACK, wraps the socket, runs the
+TLS handshake and calls :meth:`ServerHandshake.tls_established` with the
+client's certificate subject; from then on the bytes fed in and taken out are
+the plaintext inside TLS, and the negotiation state starts afresh (spec).
+``required`` refuses every other option with ``NBD_REP_ERR_TLS_REQD`` until
+then, so no export name, size or list leaves before TLS.
 
 Every refusal that the spec lets a server answer is an :class:`OptionError`
 turned into an error reply with a message; negotiation continues.  Only
@@ -50,6 +62,7 @@ from nbdfleece.constants import (
 )
 from nbdfleece.errors import OptionError
 from nbdfleece.exports import ExportInfo
+from nbdfleece.tls import DistinguishedName, TlsMode, TlsPolicy
 
 SERVER_HANDSHAKE_FLAGS = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 _IHAVEOPT_BYTES = IHAVEOPT.to_bytes(8, "big")
@@ -66,6 +79,8 @@ class ExportDirectory(Protocol):
 class Phase(enum.Enum):
     CLIENT_FLAGS = "client-flags"
     OPTIONS = "options"
+    TLS = "tls"
+    """STARTTLS was acknowledged: waiting for :meth:`ServerHandshake.tls_established`."""
     DONE = "done"
 
 
@@ -97,7 +112,21 @@ class Closed:
     hard: bool
 
 
-Event = Negotiated | Closed
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """STARTTLS was acknowledged: send :meth:`~ServerHandshake.data_to_send`, then run TLS.
+
+    ``pending`` are bytes that came after the option: they can only be the
+    start of the client's TLS handshake, so they go to TLS, never back to the
+    handshake core (no plaintext option may survive into the TLS session).
+    """
+
+    pending: bytes
+
+
+Event = Negotiated | Closed | StartTLS
+
+_NOT_TLS_GATED = (Opt.STARTTLS, Opt.ABORT)
 
 
 def transmission_flags(export: ExportInfo, structured: bool) -> TransmissionFlag:
@@ -135,8 +164,13 @@ def match_contexts(offered: Sequence[str], queries: Sequence[str], *, listing: b
 class ServerHandshake:
     """One connection's negotiation, fed with bytes; see the module docstring."""
 
-    def __init__(self, directory: ExportDirectory) -> None:
+    def __init__(self, directory: ExportDirectory, tls: TlsPolicy | None = None) -> None:
         self._directory = directory
+        self._tls = tls if tls is not None and tls.mode is not TlsMode.OFF else None
+        self.tls_active = False
+        self.peer: DistinguishedName | None = None
+        """The client certificate's subject once TLS is up (None: no certificate)."""
+        self._denials: list[str] = []
         self._in = bytearray()
         self._out = bytearray()
         self.phase = Phase.CLIENT_FLAGS
@@ -153,6 +187,8 @@ class ServerHandshake:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self.phase is Phase.DONE:
             raise RuntimeError("handshake is over; pass further bytes to transmission")
+        if self.phase is Phase.TLS:
+            raise RuntimeError("bytes after STARTTLS belong to the TLS handshake")
         if self._skip_remaining and not self._in:
             # Discard an oversized option's payload as it arrives: never buffered.
             n = min(self._skip_remaining, len(data))
@@ -165,13 +201,31 @@ class ServerHandshake:
         self._out.clear()
         return out
 
+    def take_denials(self) -> list[str]:
+        """Why exports were refused by the TLS policy since the last call (for the logs)."""
+        denials, self._denials = self._denials, []
+        return denials
+
     def trailing_data(self) -> bytes:
         """Bytes received after the final option (early transmission requests)."""
         return bytes(self._in)
 
+    def tls_established(self, peer: DistinguishedName | None) -> None:
+        """The edge finished the TLS handshake; ``peer`` is the verified client subject."""
+        if self.phase is not Phase.TLS:
+            raise RuntimeError("no STARTTLS is pending")
+        self.phase = Phase.OPTIONS
+        self.tls_active = True
+        self.peer = peer
+        # Spec: nothing negotiated before TLS survives it.
+        self.structured = False
+        self._meta_export, self._meta_selected = None, {}
+
     def next_event(self) -> Event | _NeedData:
         if self.phase is Phase.DONE:
             raise RuntimeError("handshake is over")
+        if self.phase is Phase.TLS:
+            raise RuntimeError("waiting for tls_established()")
         if self.phase is Phase.CLIENT_FLAGS:
             if len(self._in) < wire.CLIENT_FLAGS.size:
                 return NEED_DATA
@@ -193,7 +247,8 @@ class ServerHandshake:
                 option, self._skip_option = self._skip_option, None
                 self._reply_error(
                     option,
-                    OptionError(Rep.ERR_TOO_BIG, f"option longer than {MAX_OPTION_LENGTH} bytes"),
+                    self._tls_gate(option)
+                    or OptionError(Rep.ERR_TOO_BIG, f"option longer than {MAX_OPTION_LENGTH} bytes"),
                 )
             hsize = wire.OPTION_REQUEST_HEADER.size
             if len(self._in) >= 8 and bytes(self._in[:8]) != _IHAVEOPT_BYTES:
@@ -228,11 +283,25 @@ class ServerHandshake:
         self._out += payload
 
     def _reply_error(self, option: int, err: OptionError) -> None:
-        self._reply(option, err.rep, err.message.encode()[:MAX_STRING])
+        self._reply(option, err.rep, wire.utf8_prefix(err.message, MAX_STRING))
+
+    def _tls_gate(self, option: int) -> OptionError | None:
+        """FORCEDTLS: the refusal of every option but STARTTLS and ABORT before TLS."""
+        if self._tls is None or self.tls_active or self._tls.mode is not TlsMode.REQUIRED:
+            return None
+        if option in _NOT_TLS_GATED:
+            return None
+        return OptionError(Rep.ERR_TLS_REQD, f"Option {option:#x} not permitted before TLS")
 
     def _dispatch(self, option: int, payload: bytes) -> Event | None:
         if not self.fixed_newstyle and option != Opt.EXPORT_NAME:
             return self._close(f"option {option} from a client without fixed newstyle", hard=True)
+        gate = self._tls_gate(option)
+        if gate is not None:
+            if option == Opt.EXPORT_NAME:  # cannot be answered: spec says terminate
+                return self._close("NBD_OPT_EXPORT_NAME before TLS", hard=True)
+            self._reply_error(option, gate)
+            return None
         if option == Opt.EXPORT_NAME:
             return self._export_name(payload)
         handler = self._HANDLERS.get(option)
@@ -256,11 +325,33 @@ class ServerHandshake:
             raise OptionError(Rep.ERR_INVALID, f"{what} contains NUL")
         return name
 
-    def _lookup(self, name: str) -> ExportInfo:
+    def _lookup(self, name: str, option: int) -> ExportInfo:
         info = self._directory.lookup(name)
         if info is None:
             raise OptionError(Rep.ERR_UNKNOWN, f"export '{name}' not present")
+        policy = self._tls
+        if policy is None:
+            return info
+        if not self.tls_active and policy.needs_tls(info.name):
+            # SELECTIVETLS: TLS_REQD is for the options that enter transmission only.
+            rep = Rep.ERR_TLS_REQD if option in (Opt.INFO, Opt.GO) else Rep.ERR_POLICY
+            self._denials.append(f"export '{info.name}' requires TLS (option {option})")
+            raise OptionError(rep, f"export '{info.name}' requires TLS")
+        if self.tls_active and not policy.permits(info.name, self.peer):
+            who = f"'{self.peer}'" if self.peer is not None else "a client without a certificate"
+            message = f"{who} is not allowed to use export '{info.name}'"
+            self._denials.append(f"{message} (option {option})")
+            raise OptionError(Rep.ERR_POLICY, message)
         return info
+
+    def _visible(self, name: str) -> bool:
+        """Whether LIST shows ``name``: not before TLS if it needs TLS, not if denied."""
+        policy = self._tls
+        if policy is None:
+            return True
+        if not self.tls_active:
+            return not policy.needs_tls(name)
+        return policy.permits(name, self.peer)
 
     @staticmethod
     def _require_empty(payload: bytes, option: int) -> None:
@@ -270,7 +361,7 @@ class ServerHandshake:
     # -- options ----------------------------------------------------------
     def _export_name(self, payload: bytes) -> Event:
         try:
-            info = self._lookup(self._decode_name(payload))
+            info = self._lookup(self._decode_name(payload), Opt.EXPORT_NAME)
         except OptionError as err:
             return self._close(f"NBD_OPT_EXPORT_NAME refused: {err.message}", hard=True)
         flags = transmission_flags(info, self.structured)
@@ -293,14 +384,26 @@ class ServerHandshake:
     def _list(self, option: int, payload: bytes) -> None:
         self._require_empty(payload, option)
         for name, description in self._directory.listing():
+            if not self._visible(name):
+                continue
             self._reply(option, Rep.SERVER, wire.rep_server.build(
                 {"name": name.encode(), "description": description.encode()}
             ))
         self._reply(option, Rep.ACK)
 
-    def _starttls(self, option: int, payload: bytes) -> None:
+    def _starttls(self, option: int, payload: bytes) -> StartTLS:
         # Without TLS the answer is POLICY whatever the data (protocol/nbd.md).
-        raise OptionError(Rep.ERR_POLICY, "TLS not configured")
+        if self._tls is None:
+            raise OptionError(Rep.ERR_POLICY, "TLS not configured")
+        if self.tls_active:
+            raise OptionError(Rep.ERR_INVALID, "TLS already enabled")
+        if payload:
+            raise OptionError(Rep.ERR_INVALID, "option 'starttls' has unexpected length")
+        self._reply(option, Rep.ACK)
+        self.phase = Phase.TLS
+        pending = bytes(self._in)
+        self._in.clear()
+        return StartTLS(pending)
 
     def _structured_reply(self, option: int, payload: bytes) -> None:
         self._require_empty(payload, option)
@@ -311,7 +414,7 @@ class ServerHandshake:
 
     def _info_or_go(self, option: int, payload: bytes) -> Event | None:
         request = wire.parse_option_payload(wire.go_request, payload)
-        info = self._lookup(self._decode_name(request.name))
+        info = self._lookup(self._decode_name(request.name), option)
         flags = transmission_flags(info, self.structured)
         self._reply(option, Rep.INFO, wire.INFO_EXPORT.pack(Info.EXPORT, info.size, flags))
         seen: set[int] = set()
@@ -349,7 +452,7 @@ class ServerHandshake:
         if not listing:
             # SET replaces the selection even when it then fails.
             self._meta_export, self._meta_selected = None, {}
-        info = self._lookup(name)
+        info = self._lookup(name, option)
         chosen = match_contexts(info.contexts, queries, listing=listing)
         selected: dict[int, str] = {}
         for context in chosen:

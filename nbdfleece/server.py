@@ -18,6 +18,12 @@ under the handshake timeout, then enters transmission:
   client pipelining thousands of 32 MiB writes is throttled by TCP instead of
   exhausting memory.
 
+TLS is chosen once per connection, when ``NBD_OPT_STARTTLS`` succeeds: from
+then on every byte goes through a ``trio.SSLStream`` (:class:`StreamRecvBuffer`
+for reads, ``Connection._send_tls`` for replies), and the raw-socket fast
+paths -- ``os.readv``/``os.writev`` on the fd, ``sendfile`` -- are used only by
+plaintext connections, which pay nothing for TLS existing.
+
 A connection never raises into the server: every failure ends that
 connection only (see ``Connection.run``).  Graceful shutdown stops the
 accept loops, stops every reader, lets in-flight requests finish and reply
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as _errno
+import ipaddress
 import itertools
 import logging
 import math
@@ -43,7 +50,8 @@ from nbdfleece.constants import MAX_BLOCK_SIZE, Cmd, CmdFlag, Errno
 from nbdfleece.errors import ProtocolError, RequestError, error_message, nbd_errno
 from nbdfleece.exports import Export, ExportRegistry
 from nbdfleece.extents import shape
-from nbdfleece.handshake import NEED_DATA, Closed, Negotiated, ServerHandshake
+from nbdfleece.handshake import NEED_DATA, Closed, Negotiated, ServerHandshake, StartTLS
+from nbdfleece.tls import DistinguishedName, ServerTls, TlsMode, describe_failure
 from nbdfleece.transmission import (
     Buffer,
     ExportState,
@@ -64,11 +72,31 @@ RECV_BUFFER = 64 * 1024
 """Batches many small requests per ``readv``; large payloads bypass it (read in place)."""
 SENDFILE_MIN = 64 * 1024
 """Reads at least this long are sent with sendfile where the node allows it."""
+SENDFILE_TO_LOCAL_PEERS = False
+"""Whether clients on this host (loopback TCP, unix sockets) get ``sendfile`` replies.
+
+They do not: measured on loopback (bench/README.md), a reply copied through a
+pooled buffer costs the server no more CPU than ``sendfile`` of a tmpfs file,
+and the client spends 30-45 % less receiving it (cache-warm socket pages
+instead of the file's page-cache pages), so sequential reads ran 9-39 %
+faster.  A remote client does not share our CPUs; there ``sendfile`` saves the
+server that copy."""
 SPARSE_READ_MIN = 64 * 1024
 """Reads at least this long may answer holes with OFFSET_HOLE chunks."""
 REQUEST_OVERHEAD = 64 * 1024
 """Budget charged per request on top of its bytes: bounds the task count too."""
 IOV_MAX = 1024
+YIELD_CREDIT = 64
+"""How much the reader serves back to back before it lets other tasks run:
+a request costs 1 plus 1 per 64 KiB it moves (64 small reads, 12 of 256 KiB)."""
+REPLY_BATCH_BYTES = 256 * 1024
+"""Replies of requests that arrived together are queued and sent with one
+``writev``; the queue is sent once it holds this much, and always before the
+reader waits for more input."""
+TLS_COALESCE_MAX = 16 * 1024
+"""Reply parts shorter than this share one TLS record with their neighbours."""
+TLS_CLOSE_TIMEOUT = 1.0
+"""How long closing a TLS connection may spend sending close_notify."""
 _CREATED_SOCKET_PATHS: set[str] = set()
 ACCEPT_CAPACITY_ERRNOS = {_errno.EMFILE, _errno.ENFILE, _errno.ENOMEM, _errno.ENOBUFS}
 
@@ -129,6 +157,9 @@ class ByteBudget:
         self.used = 0
         self._lot = trio.lowlevel.ParkingLot()
 
+    def would_wait(self, n: int) -> bool:
+        return bool(self.used) and self.used + n > self.limit
+
     async def acquire(self, n: int) -> None:
         while self.used and self.used + n > self.limit:
             await self._lot.park()
@@ -157,7 +188,9 @@ class RecvBuffer:
         return self._end - self._start
 
     async def _recv(self, timeout: float) -> None:
-        if self._end == len(self._buf):
+        if self._start == self._end:
+            self._start = self._end = 0  # empty: read into the whole buffer
+        elif self._end == len(self._buf):
             avail = self.available
             self._buf[:avail] = self._view[self._start : self._end]
             self._start, self._end = 0, avail
@@ -185,6 +218,13 @@ class RecvBuffer:
     def buffered(self, n: int) -> memoryview:
         """The next ``n`` buffered bytes (``n <= available``), left in place."""
         return self._view[self._start : self._start + n]
+
+    def take(self, n: int) -> memoryview:
+        """The next ``n`` buffered bytes (``n <= available``), consumed; valid
+        until the next read."""
+        start = self._start
+        self._start = start + n
+        return self._view[start : start + n]
 
     def consume(self, n: int) -> None:
         self._start += n
@@ -221,19 +261,100 @@ class RecvBuffer:
             n -= take
 
 
+class StreamRecvBuffer(RecvBuffer):
+    """:class:`RecvBuffer` over a trio stream (TLS): the same buffering, no raw-fd reads."""
+
+    def __init__(self, sock: trio.socket.SocketType, stream: trio.abc.ReceiveStream,
+                 initial: bytes = b"") -> None:
+        super().__init__(sock, initial)
+        self._stream = stream
+
+    async def _recv(self, timeout: float) -> None:
+        if self._end == len(self._buf):
+            avail = self.available
+            self._buf[:avail] = self._view[self._start : self._end]
+            self._start, self._end = 0, avail
+        data = await receive_stream(self._stream, len(self._buf) - self._end, timeout)
+        self._buf[self._end : self._end + len(data)] = data
+        self._end += len(data)
+
+    async def read_into(self, dest: memoryview, timeout: float) -> None:
+        take = min(self.available, len(dest))
+        dest[:take] = self._view[self._start : self._start + take]
+        self._start += take
+        pos = take
+        while pos < len(dest):
+            data = await receive_stream(self._stream, len(dest) - pos, timeout)
+            dest[pos : pos + len(data)] = data
+            pos += len(data)
+
+
+async def receive_stream(stream: trio.abc.ReceiveStream, max_bytes: int, timeout: float) -> bytes:
+    """Up to ``max_bytes`` from ``stream`` (waiting at most ``timeout``, 0: forever)."""
+    try:
+        if timeout > 0:
+            with trio.fail_after(timeout):
+                data = await stream.receive_some(max_bytes)
+        else:
+            data = await stream.receive_some(max_bytes)
+    except trio.BrokenResourceError as exc:  # e.g. TCP closed without TLS close_notify
+        raise PeerClosed(f"peer closed the connection: {describe_failure(exc)}") from None
+    if not data:
+        raise PeerClosed("peer closed the connection")
+    return bytes(data)
+
+
+async def send_stream(stream: trio.abc.SendStream, data: Buffer) -> None:
+    """``stream.send_all``, failing as a socket would (OSError), so callers treat both alike."""
+    try:
+        await stream.send_all(data)
+    except trio.BrokenResourceError as exc:
+        raise ConnectionResetError(_errno.ECONNRESET, describe_failure(exc)) from None
+
+
+class ReplayedStream(trio.abc.Stream):
+    """``stream``, whose first received bytes are ``head``.
+
+    Bytes that arrived right after ``NBD_OPT_STARTTLS`` (a client that did not
+    wait for the ACK) are the start of its TLS handshake: they are fed to TLS,
+    never parsed as options.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, head: bytes) -> None:
+        self._stream = stream
+        self._head = head
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._head:
+            await trio.lowlevel.checkpoint()
+            n = len(self._head) if max_bytes is None else max_bytes
+            data, self._head = self._head[:n], self._head[n:]
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
 async def recv_into(fd: int, view: memoryview, timeout: float) -> int:
     """``readv`` straight into ``view``; waits (up to ``timeout``, 0: forever) only when empty.
 
-    A read that finds data still passes a checkpoint, so a client that never
-    lets the socket run dry cannot starve other connections or cancellation.
+    A read that finds data returns without a checkpoint: the request reader
+    yields after every ``YIELD_CREDIT`` worth of requests instead
+    (``Connection._read_loop``), so a client that never lets the socket run dry
+    still cannot starve other connections or cancellation, and the common path
+    pays no scheduler trip.
     """
     try:
-        n = os.readv(fd, [view])
+        return os.readv(fd, [view])
     except BlockingIOError:
         pass
-    else:
-        await trio.lowlevel.checkpoint()
-        return n
     while True:
         if timeout > 0:
             with trio.fail_after(timeout):
@@ -246,22 +367,32 @@ async def recv_into(fd: int, view: memoryview, timeout: float) -> int:
             continue
 
 
-async def send_more(fd: int, data: Buffer) -> None:
-    """Send ``data`` with MSG_MORE: more bytes follow at once."""
-    view = memoryview(data)
-    while view:
+def _advance(views: list[memoryview], sent: int) -> None:
+    """Drop ``sent`` bytes from the front of ``views``."""
+    while sent:
+        head = views[0]
+        if sent >= len(head):
+            sent -= len(head)
+            del views[0]
+        else:
+            views[0] = head[sent:]
+            sent = 0
+
+
+async def send_more(sock: _stdsocket.socket, parts: Sequence[Buffer]) -> None:
+    """Send ``parts`` with MSG_MORE (more bytes follow at once) in as few ``sendmsg`` as possible.
+
+    ``sock`` is the connection's stdlib view of its socket, made once per
+    connection (``Connection._raw``): building one per call costs three syscalls.
+    """
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
         try:
-            view = view[_send_flags(fd, view, _stdsocket.MSG_MORE) :]
+            sent = sock.sendmsg(views[:IOV_MAX], (), _stdsocket.MSG_MORE)
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(fd)
-
-
-def _send_flags(fd: int, data: memoryview, flags: int) -> int:
-    with _stdsocket.socket(fileno=fd) as sock:
-        try:
-            return sock.send(data, flags)
-        finally:
-            sock.detach()
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        _advance(views, sent)
 
 
 async def sendfile_all(sock_fd: int, file_fd: int, offset: int, count: int) -> None:
@@ -280,31 +411,36 @@ async def sendfile_all(sock_fd: int, file_fd: int, offset: int, count: int) -> N
 
 async def send_all(fd: int, parts: Sequence[Buffer]) -> None:
     """Send every buffer in order with as few ``writev`` calls as possible."""
+    sent = 0
+    if len(parts) <= IOV_MAX:  # the common case: one writev, no views to build
+        with contextlib.suppress(BlockingIOError):
+            sent = os.writev(fd, parts)
+        if sent == sum(map(len, parts)):
+            return
     views = [memoryview(p) for p in parts if len(p)]
+    _advance(views, sent)
     while views:
         try:
             sent = os.writev(fd, views[:IOV_MAX])
         except BlockingIOError:
             await trio.lowlevel.wait_writable(fd)
             continue
-        while sent:
-            head = views[0]
-            if sent >= len(head):
-                sent -= len(head)
-                views.pop(0)
-            else:
-                views[0] = head[sent:]
-                sent = 0
+        _advance(views, sent)
 
 
 class Connection:
     """One client, from greeting to close."""
 
-    def __init__(self, server: Server, sock: trio.socket.SocketType, conn_id: int) -> None:
+    def __init__(self, server: Server, sock: trio.socket.SocketType, conn_id: int,
+                 tls: ServerTls | None = None, peer: str = "?") -> None:
         self.server = server
         self.sock = sock
         self.fd = sock.fileno()
         self.id = conn_id
+        self.peer = peer
+        self.tls_config = tls
+        self.tls: trio.SSLStream[trio.abc.Stream] | None = None
+        """Set once TLS is up; from then on every byte goes through it."""
         self.limits = server.limits
         self._send_lock = trio.Lock()
         self._budget = ByteBudget(self.limits.inflight_bytes)
@@ -312,11 +448,25 @@ class Connection:
         self._handshake_scope: trio.CancelScope | None = None
         self._stopping = False
         self._inflight = 0
+        self._raw: _stdsocket.socket | None = None
+        """Set while replies may use ``sendfile``: a stdlib socket on ``fd`` (for
+        ``sendmsg`` with flags); plaintext connections only."""
+        self._queued: list[Buffer] = []
+        """Whole replies of the reader's, not sent yet (see ``_reply``)."""
+        self._queued_bytes = 0
+        self._queued_bufs: list[bytearray] = []
+        self._reader_sending = False
+        self._replies_cut = False
 
     def stop(self) -> None:
-        """Stop reading requests; in-flight ones finish and reply."""
+        """Stop reading requests; in-flight ones finish and reply.
+
+        A reader that is sending replies is cancelled only once that send is
+        done (``_reader_done_sending``): a reply is never cut by a stop.
+        """
         self._stopping = True
-        self._reader_scope.cancel()
+        if not self._reader_sending:
+            self._reader_scope.cancel()
         if self._handshake_scope is not None:
             self._handshake_scope.cancel()
 
@@ -336,27 +486,33 @@ class Connection:
         except Exception:
             log.exception("conn %d: internal error; closing this connection", self.id)
         finally:
+            if self.tls is not None:
+                await self._close_tls(self.tls)
             self.sock.close()
             log.debug("conn %d: closed", self.id)
 
     # -- handshake ----------------------------------------------------------
     async def _handshake(self) -> tuple[Negotiated | None, bytes]:
-        hs = ServerHandshake(self.server.registry)
+        tls = self.tls_config
+        hs = ServerHandshake(self.server.registry, tls.policy if tls is not None else None)
         with trio.move_on_after(self.limits.handshake_timeout or math.inf) as scope:
             self._handshake_scope = scope
             if self._stopping:
                 return None, b""
-            await send_all(self.fd, [hs.data_to_send()])
+            await self._handshake_send(hs.data_to_send())
             while True:
                 event = hs.next_event()
+                for denial in hs.take_denials():
+                    log.warning("conn %d: %s refused: %s", self.id, self.peer, denial)
                 out = hs.data_to_send()
                 if out:
-                    await send_all(self.fd, [out])
+                    await self._handshake_send(out)
                 if event is NEED_DATA:
-                    data = await self.sock.recv(65536)
-                    if not data:
-                        raise PeerClosed("peer closed the connection during the handshake")
-                    hs.receive_data(data)
+                    hs.receive_data(await self._handshake_recv())
+                    continue
+                if isinstance(event, StartTLS):
+                    if not await self._start_tls(hs, event.pending):
+                        return None, b""
                     continue
                 if isinstance(event, Closed):
                     level = logging.WARNING if event.hard else logging.DEBUG
@@ -366,8 +522,78 @@ class Connection:
                 self._handshake_scope = None
                 return event, hs.trailing_data()
         if not self._stopping:
-            log.info("conn %d: handshake timed out", self.id)
+            log.info("conn %d: handshake with %s timed out", self.id, self.peer)
         return None, b""
+
+    async def _handshake_send(self, data: bytes) -> None:
+        if self.tls is None:
+            await send_all(self.fd, [data])
+        else:
+            await send_stream(self.tls, data)
+
+    async def _handshake_recv(self) -> bytes:
+        if self.tls is None:
+            data = await self.sock.recv(65536)
+            if not data:
+                raise PeerClosed("peer closed the connection during the handshake")
+            return data
+        return await receive_stream(self.tls, 65536, 0)
+
+    # -- TLS ----------------------------------------------------------------
+    async def _start_tls(self, hs: ServerHandshake, pending: bytes) -> bool:
+        """The TLS handshake after STARTTLS's ACK; False (logged) if it fails.
+
+        Runs under the handshake timeout.  A client whose certificate is
+        missing or not signed by the CA fails here, before any option is read
+        inside TLS.
+        """
+        config = self.tls_config
+        assert config is not None
+        transport: trio.abc.Stream = trio.SocketStream(self.sock)
+        if pending:
+            log.debug("conn %d: %d bytes sent before STARTTLS's reply go to TLS", self.id, len(pending))
+            transport = ReplayedStream(transport, pending)
+        stream = trio.SSLStream(transport, config.context, server_side=True)
+        try:
+            await stream.do_handshake()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.warning("conn %d: TLS handshake with %s failed: %s; refused",
+                        self.id, self.peer, describe_failure(exc))
+            return False
+        peer = DistinguishedName.from_peercert(stream.getpeercert())
+        self.tls = stream
+        # Chosen once: replies go through TLS from now on (the plaintext
+        # ``_send`` stays the raw-fd fast path, untouched).
+        self._send = self._send_tls  # type: ignore[method-assign]
+        hs.tls_established(peer)
+        cipher = stream.cipher()
+        log.info("conn %d: %s with %s (%s), client certificate: %s", self.id, stream.version(),
+                 self.peer, cipher[0] if cipher else "?", peer if peer is not None else "none")
+        return True
+
+    async def _send_tls(self, parts: Sequence[Buffer]) -> None:
+        """``_send`` once TLS is up: small parts coalesced, large ones encrypted as they are."""
+        stream = self.tls
+        assert stream is not None
+        async with self._send_lock:
+            small = bytearray()
+            for part in parts:
+                if len(part) < TLS_COALESCE_MAX:
+                    small += part
+                    continue
+                if small:
+                    await send_stream(stream, small)
+                    small = bytearray()
+                await send_stream(stream, part)
+            if small:
+                await send_stream(stream, small)
+
+    async def _close_tls(self, stream: trio.SSLStream[trio.abc.Stream]) -> None:
+        """Send close_notify (spec: SHOULD shut TLS down first), bounded and shielded."""
+        with trio.move_on_after(TLS_CLOSE_TIMEOUT) as scope:
+            scope.shield = True
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await stream.aclose()
 
     # -- transmission -------------------------------------------------------
     async def _transmission(self, negotiated: Negotiated, trailing: bytes) -> None:
@@ -382,8 +608,14 @@ class Connection:
             negotiated.structured, sorted(negotiated.contexts.values()),
         )
         self.server.attach(export)
+        if self.tls is None and (SENDFILE_TO_LOCAL_PEERS or not is_local_peer(self.sock)):
+            # A stdlib view of our own fd, for sendmsg(MSG_MORE) before sendfile.
+            # self.sock owns the fd: this one is detached below, never closed.
+            self._raw = _stdsocket.socket(self.sock.family, self.sock.type, self.sock.proto,
+                                          fileno=self.fd)
         try:
-            rbuf = RecvBuffer(self.sock, trailing)
+            rbuf = (RecvBuffer(self.sock, trailing) if self.tls is None
+                    else StreamRecvBuffer(self.sock, self.tls, trailing))
             async with trio.open_nursery() as requests:
                 with self._reader_scope:
                     try:
@@ -396,24 +628,45 @@ class Connection:
                         log.warning("conn %d: protocol error: %s", self.id, exc)
                     except OSError as exc:  # reset / broken pipe: in-flight requests still finish
                         log.debug("conn %d: transport error: %s", self.id, exc)
+                await self._flush_last()
         finally:
             self.server.detach(export)
+            if self._raw is not None:
+                self._raw.detach()
+                self._raw = None
 
     async def _read_loop(
         self, rbuf: RecvBuffer, state: ExportState, export: Export, requests: trio.Nursery
     ) -> None:
+        """Parse, validate and dispatch requests until the client leaves.
+
+        What the node can do without waiting is done right here, without a
+        task; those replies are queued (``_reply``) and leave together, with
+        one ``writev``, once the requests that had already arrived are served.
+        """
         limits = self.limits
         hsize = REQUEST_HEADER.size
+        credit = YIELD_CREDIT
         while True:
-            if limits.idle_timeout and not rbuf.available and not await self._wait_not_idle(rbuf):
-                log.info("conn %d: idle for %gs; disconnecting", self.id, limits.idle_timeout)
-                return
-            if rbuf.available < hsize:
+            if credit <= 0:
+                credit = YIELD_CREDIT
+                if self._queued:
+                    await self._flush()
+                await trio.lowlevel.checkpoint()
+            if rbuf.available >= hsize:
+                header = rbuf.take(hsize)
+            else:
+                if self._queued:
+                    await self._flush()  # the client may wait for these before it sends more
+                if limits.idle_timeout and not rbuf.available and not await self._wait_not_idle(rbuf):
+                    log.info("conn %d: idle for %gs; disconnecting", self.id, limits.idle_timeout)
+                    return
                 # Judge the magic as soon as it is here: a stray option after GO
                 # is shorter than a request header and must not wait for 28 bytes.
                 check_magic(await rbuf.peek(4, 0, limits.request_timeout))
-            header = await rbuf.read_exact(hsize, 0, limits.request_timeout)
+                header = await rbuf.read_exact(hsize, 0, limits.request_timeout)
             req = parse_request(header)
+            credit -= 1 + (req.length >> 16)
             if req.type == Cmd.DISC:
                 log.debug("conn %d: client disconnected", self.id)
                 return
@@ -421,38 +674,23 @@ class Connection:
                 validate(state, req)
             except RequestError as exc:
                 if req.payload_length:
+                    await self._flush()
                     await rbuf.discard(req.payload_length, limits.request_timeout)
-                await self._send([error_reply(state.structured, req.cookie, exc.errno, exc.message)])
+                await self._reply([error_reply(state.structured, req.cookie, exc.errno, exc.message)])
                 continue
-            if req.type == Cmd.READ and await self._read_inline(req, state, export):
+            if req.type == Cmd.READ:
+                if await self._read_inline(req, state, export):
+                    continue
+            elif req.type == Cmd.WRITE and await self._write_buffered(req, state, export, rbuf):
                 continue
             cost = REQUEST_OVERHEAD + (req.length if req.type in (Cmd.READ, Cmd.WRITE) else 0)
+            if self._budget.would_wait(cost):
+                await self._flush()
             await self._budget.acquire(cost)
             payload: bytearray | None = None
             if req.type == Cmd.WRITE:
-                if (
-                    not req.flags & CmdFlag.FUA
-                    and rbuf.available >= req.length
-                    and export.node.write_nowait(req.offset, rbuf.buffered(req.length))
-                ):
-                    # Payload already received: written straight from the receive buffer.
-                    rbuf.consume(req.length)
-                    self._budget.release(cost)
-                    await self._send([done_reply(state.structured, req.cookie)])
-                    continue
-                payload = self.server.pool.get(req.length)
-                try:
-                    view = memoryview(payload)[: req.length]
-                    await rbuf.read_into(view, limits.request_timeout)
-                    done = not req.flags & CmdFlag.FUA and export.node.write_nowait(req.offset, view)
-                except BaseException:
-                    self.server.pool.put(payload)
-                    self._budget.release(cost)
-                    raise
-                if done:
-                    self.server.pool.put(payload)
-                    self._budget.release(cost)
-                    await self._send([done_reply(state.structured, req.cookie)])
+                payload = await self._receive_payload(req, state, export, rbuf, cost)
+                if payload is None:
                     continue
             self._inflight += 1
             requests.start_soon(self._serve, req, state, export, payload, cost)
@@ -460,52 +698,111 @@ class Connection:
     async def _read_inline(self, req: Request, state: ExportState, export: Export) -> bool:
         """Serve a READ in the reader if the node can without waiting (no task spawned)."""
         sparse = self._sparse(req, state)
-        if req.length >= SENDFILE_MIN and state.structured:
+        if req.length >= SENDFILE_MIN and state.structured and self._raw is not None:
             mapped = export.node.sendfile_map(req.offset, req.length, sparse=sparse)
             if mapped is not None:
                 await self._send_file_reply(req, *mapped)
                 return True
         pool = self.server.pool
         buf = pool.get(req.length)
+        view = memoryview(buf)[: req.length]
         try:
-            view = memoryview(buf)[: req.length]
-            segments: list[Segment] | None
-            try:
-                segments = export.node.read_nowait(req.offset, view, sparse=sparse)
-            except OSError as exc:
-                await self._send([error_reply(state.structured, req.cookie, nbd_errno(exc),
-                                              error_message(exc))])
-                return True
-            if segments is None:
-                return False
-            await self._send(read_reply(
-                state.structured, req.cookie, req.offset, view,
-                [(g.start, g.length, g.zero) for g in segments] if sparse else None,
-            ))
-            return True
-        finally:
+            segments = export.node.read_nowait(req.offset, view, sparse=sparse)
+        except OSError as exc:
             pool.put(buf)
+            await self._reply([error_reply(state.structured, req.cookie, nbd_errno(exc),
+                                           error_message(exc))])
+            return True
+        except BaseException:
+            pool.put(buf)
+            raise
+        if segments is None:
+            pool.put(buf)
+            return False
+        await self._reply(read_reply(
+            state.structured, req.cookie, req.offset, view,
+            [(g.start, g.length, g.zero) for g in segments] if sparse else None,
+        ), buf)
+        return True
+
+    async def _write_buffered(self, req: Request, state: ExportState, export: Export,
+                              rbuf: RecvBuffer) -> bool:
+        """Write a payload that is already in the receive buffer straight from it,
+        if the node can without waiting (no copy, no task, no budget)."""
+        if (
+            req.flags & CmdFlag.FUA
+            or rbuf.available < req.length
+            or not export.node.write_nowait(req.offset, rbuf.buffered(req.length))
+        ):
+            return False
+        rbuf.consume(req.length)
+        await self._reply([done_reply(state.structured, req.cookie)])
+        return True
+
+    async def _receive_payload(self, req: Request, state: ExportState, export: Export,
+                               rbuf: RecvBuffer, cost: int) -> bytearray | None:
+        """Read a WRITE's payload into a pooled buffer (``cost`` is charged already).
+
+        None when the node took it at once: then the reply is queued and the
+        buffer and budget are released; otherwise the buffer, for a task.
+        """
+        pool = self.server.pool
+        payload = pool.get(req.length)
+        try:
+            view = memoryview(payload)[: req.length]
+            if rbuf.available < req.length:
+                await self._flush()  # reading the rest may wait for the client
+            await rbuf.read_into(view, self.limits.request_timeout)
+            done = not req.flags & CmdFlag.FUA and export.node.write_nowait(req.offset, view)
+        except BaseException:
+            pool.put(payload)
+            self._budget.release(cost)
+            raise
+        if not done:
+            return payload
+        pool.put(payload)
+        self._budget.release(cost)
+        await self._reply([done_reply(state.structured, req.cookie)])
+        return None
 
     async def _send_file_reply(self, req: Request, file_fd: int, segments: list[Segment]) -> None:
         """Structured READ reply whose data goes file -> socket with ``sendfile``.
 
         Chunk headers are built exactly as ``read_reply`` builds them (for an
         empty view); the data of each OFFSET_DATA chunk follows its header.
-        A failed ``sendfile`` after a header went out cannot be reported on
-        the wire any more: the connection is closed (spec: hard disconnect).
+        Replies still queued go out first, in the same ``sendmsg`` as the
+        header.  A failed ``sendfile`` after a header went out cannot be
+        reported on the wire any more: the connection is cut (spec: hard
+        disconnect), see ``_cut_replies``.
         """
+        raw = self._raw
+        assert raw is not None
         triples = [(g.start, g.length, g.zero) for g in segments]
         headers = read_reply(True, req.cookie, req.offset, memoryview(b""), triples, headers_only=True)
-        lock = self._send_lock
-        async with lock:
-            for header, (start, length, zero) in zip(headers, triples, strict=True):
-                if zero:
-                    await send_all(self.fd, [header])
-                    continue
-                # MSG_MORE queues the header with the data instead of pushing a
-                # 28-byte segment through the TCP stack on its own.
-                await send_more(self.fd, header)
-                await sendfile_all(self.fd, file_fd, req.offset + start, length)
+        self._reader_sending = True
+        try:
+            await self._lock_send()
+            try:
+                parts = self._queued
+                for header, (start, length, zero) in zip(headers, triples, strict=True):
+                    parts.append(header)
+                    if zero:
+                        continue
+                    # MSG_MORE queues the header with the data instead of pushing
+                    # a 32-byte segment through the TCP stack on its own.
+                    await send_more(raw, parts)
+                    parts.clear()  # sent: drop them now (the queue is this list)
+                    await sendfile_all(self.fd, file_fd, req.offset + start, length)
+                if parts:
+                    await send_all(self.fd, parts)
+            except BaseException:
+                self._cut_replies()
+                raise
+            finally:
+                self._send_lock.release()
+            self._sent_queued()
+        finally:
+            self._reader_done_sending()
 
     @staticmethod
     def _sparse(req: Request, state: ExportState) -> bool:
@@ -521,17 +818,90 @@ class Connection:
             if not self._inflight:
                 return False
 
-    async def _send(self, parts: Sequence[Buffer]) -> None:
+    # -- replies --------------------------------------------------------------
+    async def _reply(self, parts: Sequence[Buffer], buf: bytearray | None = None) -> None:
+        """Queue one whole reply of the reader's; ``buf`` (a pooled buffer the
+        parts point into) goes back to the pool once it is sent."""
+        queued = self._queued
+        for part in parts:
+            queued.append(part)
+            self._queued_bytes += len(part)
+        if buf is not None:
+            self._queued_bufs.append(buf)
+        if self._queued_bytes >= REPLY_BATCH_BYTES or len(queued) >= IOV_MAX // 2:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Send the queued replies.
+
+        The queue is emptied only once they are sent, so a stop (which may
+        only cancel the reader while it waits for input, see ``stop``) never
+        loses a reply the client is owed.
+        """
+        if not self._queued:
+            return
+        self._reader_sending = True
+        try:
+            await self._send(self._queued)
+        finally:
+            self._reader_done_sending()
+        self._sent_queued()
+
+    def _sent_queued(self) -> None:
+        self._queued.clear()
+        self._queued_bytes = 0
+        if self._queued_bufs:
+            pool = self.server.pool
+            for buf in self._queued_bufs:
+                pool.put(buf)
+            self._queued_bufs = []
+
+    async def _flush_last(self) -> None:
+        """After the reader stopped: send what it queued if the connection still
+        works (in-flight requests go on replying), else drop it."""
+        try:
+            await self._flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("conn %d: queued replies not delivered: %s", self.id, exc)
+        finally:
+            self._sent_queued()
+
+    def _reader_done_sending(self) -> None:
+        self._reader_sending = False
+        if self._stopping:
+            self._reader_scope.cancel()  # the stop that waited for this send
+
+    async def _lock_send(self) -> None:
+        """Take the send lock, without a checkpoint when it is free (the common case).
+
+        Refuses once ``_cut_replies`` ran: the stream may hold part of a reply.
+        """
         lock = self._send_lock
         if lock.locked():
-            async with lock:
-                await send_all(self.fd, parts)
-            return
-        lock.acquire_nowait()  # no checkpoint: the common, uncontended case
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()
+        if self._replies_cut:
+            lock.release()
+            raise BrokenPipeError(_errno.EPIPE, "an earlier reply was cut short")
+
+    def _cut_replies(self) -> None:
+        """A plaintext send failed or was cancelled, maybe part-way through a
+        reply: nothing may follow it on the wire, so the write side is shut."""
+        self._replies_cut = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(_stdsocket.SHUT_WR)
+
+    async def _send(self, parts: Sequence[Buffer]) -> None:
+        """Send whole replies on a plaintext connection (``_send_tls`` replaces it under TLS)."""
+        await self._lock_send()
         try:
             await send_all(self.fd, parts)
+        except BaseException:
+            self._cut_replies()
+            raise
         finally:
-            lock.release()
+            self._send_lock.release()
 
     async def _serve(
         self,
@@ -629,9 +999,19 @@ class Connection:
 class Server:
     """Accepts connections on any number of sockets and serves the registry."""
 
-    def __init__(self, registry: ExportRegistry, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        registry: ExportRegistry,
+        limits: Limits | None = None,
+        *,
+        tls: ServerTls | None = None,
+        allow_plaintext_network: bool = False,
+    ) -> None:
         self.registry = registry
         self.limits = limits or Limits()
+        self.tls = tls
+        """Every listener's TLS unless ``add_listener`` is given its own (QMP tls-creds)."""
+        self.allow_plaintext_network = allow_plaintext_network
         self.pool = BufferPool()
         self._connections: set[Connection] = set()
         self._ids = itertools.count(1)
@@ -681,17 +1061,53 @@ class Server:
             conn_nursery.cancel_scope.deadline = trio.current_time() + self.limits.shutdown_grace
         await self.flush_all()
 
-    def add_listener(self, lsock: trio.socket.SocketType) -> Callable[[], None]:
-        """Accept on ``lsock`` while serving; returns a function that stops it."""
+    def check_listener(self, lsock: trio.socket.SocketType, tls: ServerTls | None = None) -> str | None:
+        """Refuse plaintext NBD on a TCP address other hosts can reach; return a warning to log.
+
+        ``ValueError`` unless the address is loopback, TLS is on, or
+        ``allow_plaintext_network`` was given (then the warning says what that means).
+        """
+        tls = tls or self.tls
+        if lsock.family not in (_stdsocket.AF_INET, _stdsocket.AF_INET6):
+            return None
+        if ipaddress.ip_address(lsock.getsockname()[0].partition("%")[0]).is_loopback:
+            return None
+        where = describe_listener(lsock)
+        if tls is None:
+            if not self.allow_plaintext_network:
+                raise ValueError(
+                    f"refusing to serve NBD without TLS on {where}, which other hosts can reach: "
+                    "use --tls (or listen on a loopback address or a unix: socket); "
+                    "--allow-plaintext-network accepts that disk contents cross the network "
+                    "unencrypted and that anyone who can connect may read and write the exports"
+                )
+            return (f"serving NBD without TLS on {where} (--allow-plaintext-network): anyone who "
+                    "can reach it may read and write the exports, and data crosses the network "
+                    "unencrypted")
+        if tls.policy.mode is TlsMode.OPTIONAL:
+            return (f"--tls optional on {where}: exports not marked tls-only are also served to "
+                    "plaintext clients")
+        return None
+
+    def add_listener(self, lsock: trio.socket.SocketType, tls: ServerTls | None = None
+                     ) -> Callable[[], None]:
+        """Accept on ``lsock`` while serving; returns a function that stops it.
+
+        ``tls`` (default: the server's) applies to every connection accepted here.
+        """
         if self._accept_nursery is None or self._conn_nursery is None:
             raise RuntimeError("the server is not running")
+        tls = tls or self.tls
+        warning = self.check_listener(lsock, tls)
+        if warning is not None:
+            log.warning("%s", warning)
         scope = trio.CancelScope()
         conn_nursery = self._conn_nursery
 
         async def accept() -> None:
             try:
                 with scope:
-                    await self._accept_loop(lsock, conn_nursery)
+                    await self._accept_loop(lsock, conn_nursery, tls)
             finally:
                 close_listener(lsock)
 
@@ -707,7 +1123,8 @@ class Server:
             except OSError as exc:
                 log.error("flush of export '%s' failed: %s", export.name, exc)
 
-    async def _accept_loop(self, lsock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+    async def _accept_loop(self, lsock: trio.socket.SocketType, nursery: trio.Nursery,
+                           tls: ServerTls | None = None) -> None:
         while True:
             try:
                 sock, _addr = await lsock.accept()
@@ -721,15 +1138,16 @@ class Server:
                 raise
             if sock.family in (_stdsocket.AF_INET, _stdsocket.AF_INET6):
                 sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
-            nursery.start_soon(self._handle, sock)
+            nursery.start_soon(self._handle, sock, tls)
 
-    async def _handle(self, sock: trio.socket.SocketType) -> None:
-        conn = Connection(self, sock, next(self._ids))
+    async def _handle(self, sock: trio.socket.SocketType, tls: ServerTls | None = None) -> None:
         try:
             peer = sock.getpeername()
         except OSError:
             peer = "?"
-        log.debug("conn %d: accepted from %s", conn.id, peer or "unix socket")
+        peer_text = describe_peer(sock.family, peer)
+        conn = Connection(self, sock, next(self._ids), tls, peer_text)
+        log.debug("conn %d: accepted from %s", conn.id, peer_text)
         self._connections.add(conn)
         try:
             if self._shutdown_requested:
@@ -804,6 +1222,28 @@ def systemd_listeners() -> list[trio.socket.SocketType]:
         sock.setblocking(False)
         socks.append(trio.socket.from_stdlib_socket(sock))
     return socks
+
+
+def is_local_peer(sock: trio.socket.SocketType) -> bool:
+    """True for a unix socket or a loopback TCP peer: a client sharing our CPUs."""
+    if sock.family not in (_stdsocket.AF_INET, _stdsocket.AF_INET6):
+        return True
+    try:
+        address = ipaddress.ip_address(sock.getpeername()[0].partition("%")[0])
+    except (OSError, ValueError):
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def describe_peer(family: int, address: object) -> str:
+    """``1.2.3.4:5678``, ``[::1]:5678`` or ``unix socket``, for the logs."""
+    if family == _stdsocket.AF_INET6 and isinstance(address, tuple):
+        return f"[{address[0]}]:{address[1]}"
+    if family == _stdsocket.AF_INET and isinstance(address, tuple):
+        return f"{address[0]}:{address[1]}"
+    return "unix socket" if family == _stdsocket.AF_UNIX else str(address)
 
 
 def describe_listener(sock: trio.socket.SocketType) -> str:

@@ -151,7 +151,7 @@ def error_reply(structured: bool, cookie: int, errno: int, message: str) -> byte
     """Failure of any command: a simple reply, or an ERROR chunk with text."""
     if not structured:
         return simple_reply(cookie, errno)
-    text = message.encode("utf-8", "replace")[: min(MAX_STRING, 0xFFFF)]
+    text = wire.utf8_prefix(message, min(MAX_STRING, 0xFFFF))
     payload: bytes = wire.error_payload.build({"error": errno, "message": text})
     return chunk_header(cookie, ReplyType.ERROR, len(payload), True) + payload
 

@@ -44,7 +44,7 @@ from nbdfleece.constants import (
     STRUCTURED_REPLY_MAGIC,
     Rep,
 )
-from nbdfleece.errors import OptionError
+from nbdfleece.errors import OptionError, ProtocolError
 
 # ==========================================================================
 # Handshake
@@ -143,6 +143,11 @@ error_offset_payload = Struct(
     "offset" / Int64ub,
 )
 
+# -- fixed prefixes the client reads before a payload's variable part -----
+info_type = Struct("type" / Int16ub)
+block_status_prefix = Struct("context_id" / Int32ub)
+error_prefix = Struct("error" / Int32ub, "message_length" / Int16ub)
+
 
 # ==========================================================================
 # Fast codecs derived from the declarations above
@@ -181,6 +186,9 @@ OFFSET_HOLE = fixed_codec(offset_hole)
 BLOCK_DESCRIPTOR = fixed_codec(block_descriptor)
 INFO_EXPORT = fixed_codec(info_export)
 INFO_BLOCK_SIZE = fixed_codec(info_block_size)
+INFO_TYPE = fixed_codec(info_type)
+BLOCK_STATUS_PREFIX = fixed_codec(block_status_prefix)
+ERROR_PREFIX = fixed_codec(error_prefix)
 
 # One reply chunk header plus the OFFSET_DATA offset, packed in one call.
 STRUCTURED_DATA_HEADER = struct.Struct(
@@ -196,13 +204,39 @@ def parse_option_payload(fmt: Any, data: bytes) -> Any:
         raise OptionError(Rep.ERR_INVALID, f"malformed option payload: {exc}") from None
 
 
+def utf8_prefix(text: str, limit: int) -> bytes:
+    """``text`` in UTF-8, cut to at most ``limit`` bytes on a character boundary.
+
+    Error messages on the wire must be valid UTF-8: a plain byte slice could
+    split a multi-byte character (found by ``tests/fuzz/fuzz_handshake.py``).
+    """
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return raw
+    return raw[:limit].decode("utf-8", "ignore").encode("utf-8")
+
+
+def parse_reply_payload(fmt: Any, data: bytes, what: str) -> Any:
+    """Client side: parse an untrusted, complete payload from a server.
+
+    A malformed one is a :class:`ProtocolError` (the server broke a MUST).
+    """
+    try:
+        return fmt.parse(data)
+    except ConstructError as exc:
+        raise ProtocolError(f"malformed {what} from the server: {exc}") from None
+
+
 __all__ = [
     "BLOCK_DESCRIPTOR",
+    "BLOCK_STATUS_PREFIX",
     "CLIENT_FLAGS",
+    "ERROR_PREFIX",
     "EXPORT_NAME_REPLY",
     "GREETING",
     "INFO_BLOCK_SIZE",
     "INFO_EXPORT",
+    "INFO_TYPE",
     "OFFSET_DATA_PREFIX",
     "OFFSET_HOLE",
     "OPTION_REPLY_HEADER",
@@ -213,9 +247,11 @@ __all__ = [
     "STRUCTURED_REPLY_HEADER",
     "block_descriptor",
     "block_status_payload",
+    "block_status_prefix",
     "client_flags",
     "error_offset_payload",
     "error_payload",
+    "error_prefix",
     "export_name_padding",
     "export_name_reply",
     "fixed_codec",
@@ -225,15 +261,18 @@ __all__ = [
     "info_description",
     "info_export",
     "info_name",
+    "info_type",
     "meta_context_request",
     "offset_data_prefix",
     "offset_hole",
     "option_reply_header",
     "option_request_header",
     "parse_option_payload",
+    "parse_reply_payload",
     "rep_meta_context",
     "rep_server",
     "request_header",
     "simple_reply",
     "structured_reply_header",
+    "utf8_prefix",
 ]

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS="qemu-utils qemu-system-common nbdkit libnbd-bin python3-libnbd nbd-client python3-venv"
+PKGS="qemu-utils qemu-system-common nbdkit libnbd-bin python3-libnbd nbd-client python3-venv openssl"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

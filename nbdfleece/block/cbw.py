@@ -14,6 +14,16 @@ node's tracking layer and the rest of its chain.  From then on::
     snapshot read ──> SnapshotView ──> done cluster: read the target
                                        other cluster: read the source
 
+Three arrays of one bool per cluster, as QEMU's filter keeps three bitmaps:
+
+* ``pending``: old data still to be copied before a write (QEMU's
+  block-copy bitmap).  All clusters, or only those of the ``bitmap`` option;
+  a push backup job restricts it to the clusters it wants;
+* ``done``: copied into the target (snapshot reads come from there);
+* ``access``: readable through the snapshot (None: all).  With a
+  ``bitmap`` it starts as ``pending``; other reads fail as QEMU's do
+  (EACCES inside QEMU, ``NBD_EINVAL`` on the wire).
+
 Invariants, with writers on any number of connections:
 
 * a cluster's old data reaches the target before any write to it passes;
@@ -26,10 +36,29 @@ Invariants, with writers on any number of connections:
   seen whole, never torn;
 * nothing done to the snapshot ever writes to the source.
 
-On a target write failure, ``on_cbw_error`` decides: ``break-guest-write``
-(QEMU's default) fails the guest write and keeps the snapshot valid;
+The cost of a copy
+------------------
+A guest write that needs a copy is served, when it can be, entirely in the
+synchronous fast path (``write_nowait``): no lock holder on its clusters,
+nothing from before the snapshot in flight, and a source and target that
+can copy without waiting (two memory-backed files: ``copy_file_range``;
+otherwise ``read_nowait`` + ``write_nowait`` through a pooled buffer).
+Everything happens in one event-loop step, which is as atomic as holding
+the exclusive lock.  Otherwise the write takes the async path: the
+exclusive lock, then one copy job per run of adjacent pending clusters
+(``FileStore.copy_to``: one worker round-trip), then the write.  A copy
+that fails in the fast path is redone by the async path, which reports it.
+
+Errors and time limits
+----------------------
+On a failed copy ``on_cbw_error`` decides: ``break-guest-write`` (QEMU's
+default) fails the guest write and keeps the snapshot valid;
 ``break-snapshot`` lets guest writes continue and makes every later
-snapshot read fail with EIO.
+snapshot read fail with EIO.  ``cbw_timeout`` (seconds, 0 = none) bounds
+the copy phase of a guest write (waiting for the clusters' lock and
+copying): past it the copy counts as failed with ETIMEDOUT.  As in QEMU the
+copy itself cannot be aborted: it goes on in a background task that keeps
+the clusters locked until it ends, and marks them done if it succeeds.
 """
 
 from __future__ import annotations
@@ -42,28 +71,63 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
+from nbdfleece.bitmap import DirtyBitmap
+from nbdfleece.block.file import FileStore, copy_failed, copy_side
 from nbdfleece.block.node import BlockNode, Extent, Layer, Segment
 from nbdfleece.block.tracking import InFlight
-from nbdfleece.constants import AllocationState
+from nbdfleece.constants import AllocationState, Errno
+from nbdfleece.errors import RequestError
 
 log = logging.getLogger(__name__)
 
 BREAK_GUEST_WRITE = "break-guest-write"
 BREAK_SNAPSHOT = "break-snapshot"
 DEFAULT_CLUSTER = 64 * 1024
+BUFFER_CACHE = 64 << 20
+"""Bytes of copy buffers kept for reuse."""
+
+
+class CopyBuffers:
+    """Reusable copy buffers by power-of-two size (a fresh ``bytearray`` per copy
+    costs zeroing, page faults and malloc trimming)."""
+
+    def __init__(self, max_cached: int = BUFFER_CACHE) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._cached = 0
+        self._max = max_cached
+
+    def get(self, n: int) -> bytearray:
+        size = 1 << max(n - 1, 0).bit_length()
+        free = self._free.get(size)
+        if free:
+            self._cached -= size
+            return free.pop()
+        return bytearray(size)
+
+    def put(self, buf: bytearray) -> None:
+        if self._cached + len(buf) <= self._max:
+            self._free.setdefault(len(buf), []).append(buf)
+            self._cached += len(buf)
+
+
+_buffers = CopyBuffers()
 
 
 class RangeLocks:
     """Shared/exclusive locks on cluster ranges ``[first, last]``.
 
-    Few operations are ever in flight per node, so conflicts are found by a
-    scan; waiters park until any release.
+    Few operations hold a lock at a time (the fast path takes none), so
+    conflicts are found by a scan.  A release wakes only the waiters whose
+    range overlaps it, which then check again.
     """
 
     def __init__(self) -> None:
         self._held: dict[int, tuple[int, int, bool]] = {}
         self._next = 0
-        self._lot = trio.lowlevel.ParkingLot()
+        self._waiters: dict[int, tuple[int, int, trio.Event]] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
 
     def _conflicts(self, first: int, last: int, exclusive: bool) -> bool:
         return any(
@@ -72,20 +136,52 @@ class RangeLocks:
         )
 
     async def acquire(self, first: int, last: int, *, exclusive: bool) -> int:
-        while self._conflicts(first, last, exclusive):
-            await self._lot.park()
+        if self._held and self._conflicts(first, last, exclusive):
+            waiter = self._next
+            self._next += 1
+            try:
+                while self._conflicts(first, last, exclusive):
+                    event = trio.Event()
+                    self._waiters[waiter] = (first, last, event)
+                    await event.wait()
+            finally:
+                self._waiters.pop(waiter, None)
         key = self._next
         self._next += 1
         self._held[key] = (first, last, exclusive)
         return key
 
     def release(self, key: int) -> None:
-        del self._held[key]
-        if self._lot:
-            self._lot.unpark_all()
+        first, last, _ = self._held.pop(key)
+        for f, l_, event in self._waiters.values():
+            if f <= last and first <= l_:
+                event.set()
 
     def busy(self, first: int, last: int) -> bool:
-        return self._conflicts(first, last, True)
+        return bool(self._held) and self._conflicts(first, last, True)
+
+    async def idle(self) -> None:
+        """Return once no lock is held (every copy and read under way has ended)."""
+        waiter = self._next
+        self._next += 1
+        try:
+            while self._held:
+                event = trio.Event()
+                self._waiters[waiter] = (0, 1 << 62, event)
+                await event.wait()
+        finally:
+            self._waiters.pop(waiter, None)
+
+
+class _TimedCopy:
+    """The state a timed copy phase shares with its background task."""
+
+    def __init__(self) -> None:
+        self.finished = trio.Event()
+        self.key: int | None = None
+        self.error: BaseException | None = None
+        self.abandoned = False
+        """The guest write stopped waiting: the background task releases the lock."""
 
 
 class CopyBeforeWrite(Layer):
@@ -100,29 +196,80 @@ class CopyBeforeWrite(Layer):
         cluster_size: int = DEFAULT_CLUSTER,
         pre_inflight: Iterable[InFlight] = (),
         on_cbw_error: str = BREAK_GUEST_WRITE,
+        bitmap: DirtyBitmap | None = None,
+        cbw_timeout: float = 0.0,
     ) -> None:
         super().__init__(name, child)
         if target.size < child.size:
             raise ValueError("the copy-before-write target is smaller than its source")
         if on_cbw_error not in (BREAK_GUEST_WRITE, BREAK_SNAPSHOT):
             raise ValueError(f"on-cbw-error must be {BREAK_GUEST_WRITE} or {BREAK_SNAPSHOT}")
+        if cbw_timeout < 0:
+            raise ValueError("cbw-timeout must not be negative")
+        if bitmap is not None and bitmap.size != child.size:
+            raise ValueError("Bitmaps are incompatible and can't be merged")
         self.target = target
         self.cluster = cluster_size
         self.on_cbw_error = on_cbw_error
+        self.timeout = cbw_timeout
         clusters = -(-child.size // cluster_size)
+        self.pending: npt.NDArray[np.bool_] = np.ones(clusters, dtype=bool)
+        """Clusters whose old data must still be copied before a write."""
+        self.access: npt.NDArray[np.bool_] | None = None
+        """Clusters readable through the snapshot (None: all of them)."""
+        if bitmap is not None:
+            # QEMU merges the user's bitmap into its own at cluster granularity,
+            # once: later changes to the user's bitmap do not matter.
+            selected = DirtyBitmap("copy", child.size, cluster_size, recording=False)
+            selected.merge_from(bitmap)
+            self.pending = selected.bits.copy()
+            self.access = self.pending.copy()
         self.done: npt.NDArray[np.bool_] = np.zeros(clusters, dtype=bool)
+        """Clusters copied into the target: snapshot reads come from there."""
+        self._to_copy = int(np.count_nonzero(self.pending))
         self.locks = RangeLocks()
         self.broken: OSError | None = None
         self.deleted = False
         """Set when the snapshot is deleted: its remaining clients get ESHUTDOWN."""
         self.copied_bytes = 0
         self.copy_op = "write"
-        """The step of the last copy (``read`` or ``write``), for error reports."""
+        """The side of the last failed copy (``read`` or ``write``), for error reports."""
         self._pre = list(pre_inflight)
 
     # -- helpers --------------------------------------------------------------
     def _span(self, offset: int, length: int) -> tuple[int, int]:
         return offset // self.cluster, (offset + max(length, 1) - 1) // self.cluster
+
+    def restrict(self, wanted: npt.NDArray[np.bool_]) -> None:
+        """Copy only the ``wanted`` clusters from now on (a push job's selection)."""
+        self.pending &= wanted
+        self._to_copy = int(np.count_nonzero(self.pending))
+
+    def _skip(self, lo: int, hi: int) -> None:
+        """Clusters ``[lo, hi)`` need no copy (not copied either)."""
+        self._to_copy -= int(np.count_nonzero(self.pending[lo:hi]))
+        self.pending[lo:hi] = False
+
+    def _copied(self, lo: int, hi: int, nbytes: int) -> None:
+        """Clusters ``[lo, hi)``, all pending, are now in the target."""
+        self.pending[lo:hi] = False
+        self.done[lo:hi] = True
+        self._to_copy -= hi - lo
+        self.copied_bytes += nbytes
+
+    def _pending_runs(self, first: int, last: int) -> list[tuple[int, int]]:
+        """``[lo, hi)`` cluster runs of ``[first, last]`` that still need a copy."""
+        seg = self.pending[first : last + 1]
+        if seg.all():
+            return [(first, last + 1)]
+        if not seg.any():
+            return []
+        edges = np.flatnonzero(np.diff(seg.astype(np.int8), prepend=0, append=0))
+        return [(first + int(lo), first + int(hi))
+                for lo, hi in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True)]
+
+    def _bytes(self, lo: int, hi: int) -> tuple[int, int]:
+        return lo * self.cluster, min(hi * self.cluster, self.child.size)
 
     async def _wait_pre(self, offset: int, length: int) -> None:
         """Let requests from before the snapshot instant that overlap finish."""
@@ -134,47 +281,78 @@ class CopyBeforeWrite(Layer):
                 await done.wait()
         self._pre = [p for p in self._pre if not p[2].is_set()]
 
-    async def _copy(self, first: int, last: int) -> None:
-        """Copy every not-yet-done cluster of ``[first, last]`` (exclusive lock held)."""
-        pending = np.flatnonzero(~self.done[first : last + 1]) + first
-        if not pending.size:
-            return
-        # Runs of consecutive clusters are copied with one read and one write.
-        breaks = np.flatnonzero(np.diff(pending) != 1) + 1
-        for run in np.split(pending, breaks):
-            start = int(run[0]) * self.cluster
-            end = min((int(run[-1]) + 1) * self.cluster, self.child.size)
-            buf = memoryview(bytearray(end - start))
-            self.copy_op = "read"
-            await self.child.read(start, buf)
-            self.copy_op = "write"
+    # -- copying ------------------------------------------------------------
+    def _copy_nowait(self, first: int, last: int) -> bool:
+        """Copy the pending clusters of ``[first, last]`` without waiting, or
+        return False (some may be copied): the async path does the rest."""
+        src, dst = self.child, self.target
+        for lo, hi in self._pending_runs(first, last):
+            start, end = self._bytes(lo, hi)
             try:
-                await self.target.write(start, buf)
+                if isinstance(src, FileStore) and isinstance(dst, FileStore):
+                    if not src.copy_to_nowait(dst, start, end - start):
+                        return False
+                else:
+                    buf = _buffers.get(end - start)
+                    try:
+                        view = memoryview(buf)[: end - start]
+                        if src.read_nowait(start, view) is None or not dst.write_nowait(start, view):
+                            return False
+                    finally:
+                        _buffers.put(buf)
+            except OSError:
+                return False  # the async path copies again and reports the error
+            self._copied(lo, hi, end - start)
+        return True
+
+    async def _copy(self, first: int, last: int) -> None:
+        """Copy every pending cluster of ``[first, last]`` (exclusive lock held).
+
+        Adjacent pending clusters are copied together.  Raises the first
+        failure, with ``copy_op`` set to the side that failed.
+        """
+        src, dst = self.child, self.target
+        for lo, hi in self._pending_runs(first, last):
+            start, end = self._bytes(lo, hi)
+            try:
+                if isinstance(src, FileStore) and isinstance(dst, FileStore):
+                    await src.copy_to(dst, start, end - start)
+                else:
+                    await self._copy_buffered(src, dst, start, end - start)
             except OSError as exc:
-                if self.on_cbw_error == BREAK_GUEST_WRITE:
-                    raise
-                if self.broken is None:
-                    log.error("copy-before-write to %s failed (%s): snapshot broken",
-                              self.target.name, exc)
-                self.broken = exc
-                return
-            self.done[int(run[0]) : int(run[-1]) + 1] = True
-            self.copied_bytes += end - start
+                self.copy_op = copy_side(exc)
+                raise
+            self._copied(lo, hi, end - start)
+
+    @staticmethod
+    async def _copy_buffered(src: BlockNode, dst: BlockNode, start: int, length: int) -> None:
+        buf = _buffers.get(length)
+        try:
+            view = memoryview(buf)[:length]
+            try:
+                await src.read(start, view)
+            except OSError as exc:
+                raise copy_failed(exc, "read") from None
+            try:
+                await dst.write(start, view)
+            except OSError as exc:
+                raise copy_failed(exc, "write") from None
+        finally:
+            _buffers.put(buf)
 
     async def copy_range(self, offset: int, length: int, *, allocated_only: bool = False) -> int:
-        """Copy the not-done clusters of a range now (a push backup job's step).
+        """Copy the pending clusters of a range now (a push backup job's step).
 
-        With ``allocated_only``, clusters the source reports as holes are marked
-        done without a copy (``sync: top``).  Returns the bytes copied.
+        With ``allocated_only``, clusters the source reports as holes need no
+        copy (``sync: top``).  Returns the bytes copied.
         """
         first, last = self._span(offset, length)
         key = await self.locks.acquire(first, last, exclusive=True)
         try:
             await self._wait_pre(first * self.cluster, (last + 1 - first) * self.cluster)
             before = self.copied_bytes
-            if allocated_only and not self.done[first : last + 1].all():
-                start = first * self.cluster
-                end = min((last + 1) * self.cluster, self.child.size)
+            if allocated_only and self.pending[first : last + 1].any():
+                start, end = self._bytes(first, last + 1)
                 pos = start
                 for ext in await self.child.block_status(start, end - start):
                     if ext.flags & AllocationState.HOLE:
@@ -182,26 +360,85 @@ class CopyBeforeWrite(Layer):
                         hi = min(pos + ext.length, end)
                         hi = hi // self.cluster if hi < self.child.size else last + 1
                         if hi > lo:
-                            self.done[lo:hi] = True
+                            self._skip(lo, hi)
                     pos += ext.length
             await self._copy(first, last)
             return self.copied_bytes - before
         finally:
             self.locks.release(key)
 
-    async def _guarded(self, offset: int, length: int) -> int:
-        """Take the exclusive lock for a modification and copy old data first."""
-        first, last = self._span(offset, length)
+    async def _copy_phase(self, first: int, last: int) -> int:
+        """Exclusive lock, earlier requests drained, old data copied: the lock key."""
         key = await self.locks.acquire(first, last, exclusive=True)
         try:
             # Copies are whole clusters: wait for every earlier request touching them.
             await self._wait_pre(first * self.cluster, (last + 1 - first) * self.cluster)
-            if self.broken is None:
-                await self._copy(first, last)
+            await self._copy(first, last)
         except BaseException:
             self.locks.release(key)
             raise
         return key
+
+    async def _timed_copy_phase(self, first: int, last: int) -> int:
+        """:meth:`_copy_phase` bounded by ``cbw_timeout``; see the module docstring."""
+        state = _TimedCopy()
+
+        async def background() -> None:
+            try:
+                state.key = await self._copy_phase(first, last)
+            except BaseException as exc:  # kept for the waiter; a system task must not raise
+                state.error = exc
+            finally:
+                state.finished.set()
+                if state.abandoned and state.key is not None:
+                    self.locks.release(state.key)
+
+        trio.lowlevel.spawn_system_task(background, name=f"cbw-copy-{self.name}")
+        try:
+            with trio.move_on_after(self.timeout):
+                await state.finished.wait()
+        except BaseException:
+            state.abandoned = True
+            if state.key is not None:
+                self.locks.release(state.key)
+            raise
+        if not state.finished.is_set():
+            state.abandoned = True
+            self.copy_op = "write"
+            raise OSError(errno.ETIMEDOUT, f"copy-before-write timed out after {self.timeout:g} s")
+        if state.error is not None:
+            raise state.error
+        assert state.key is not None
+        return state.key
+
+    async def drain(self) -> None:
+        """Wait for the copies and snapshot reads under way (before closing the target)."""
+        await self.locks.idle()
+
+    def _break(self, exc: OSError) -> None:
+        if self.broken is None:
+            log.error("copy-before-write to %s failed (%s): snapshot broken", self.target.name, exc)
+        self.broken = exc
+
+    async def _guarded(self, offset: int, length: int) -> int | None:
+        """Copy old data before a modification; returns the lock to release after
+        it (None when no copy is needed any more: a broken snapshot)."""
+        if self.broken is not None:
+            return None
+        first, last = self._span(offset, length)
+        try:
+            if self.timeout:
+                return await self._timed_copy_phase(first, last)
+            return await self._copy_phase(first, last)
+        except OSError as exc:
+            if self.on_cbw_error == BREAK_GUEST_WRITE:
+                raise
+            self._break(exc)
+            return None
+
+    def _unlock(self, key: int | None) -> None:
+        if key is not None:
+            self.locks.release(key)
 
     # -- guest side -----------------------------------------------------------
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
@@ -209,14 +446,18 @@ class CopyBeforeWrite(Layer):
         try:
             await self.child.write(offset, data, fua=fua)
         finally:
-            self.locks.release(key)
+            self._unlock(key)
 
     def write_nowait(self, offset: int, data: memoryview) -> bool:
-        first, last = self._span(offset, len(data))
-        if self._pre or self.locks.busy(first, last):
-            return False
-        if self.broken is None and not self.done[first : last + 1].all():
-            return False  # needs a copy first: the async path
+        if self._to_copy and self.broken is None:
+            first, last = self._span(offset, len(data))
+            if self.pending[first : last + 1].any():
+                if self._pre:
+                    self._pre = [p for p in self._pre if not p[2].is_set()]
+                if self._pre or self.locks.busy(first, last):
+                    return False
+                if not self._copy_nowait(first, last):
+                    return False
         return self.child.write_nowait(offset, data)
 
     async def write_zeroes(
@@ -226,14 +467,14 @@ class CopyBeforeWrite(Layer):
         try:
             await self.child.write_zeroes(offset, length, may_trim=may_trim, fua=fua, fast=fast)
         finally:
-            self.locks.release(key)
+            self._unlock(key)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         key = await self._guarded(offset, length)
         try:
             await self.child.trim(offset, length, fua=fua)
         finally:
-            self.locks.release(key)
+            self._unlock(key)
 
     # -- snapshot side --------------------------------------------------------
     def _check_broken(self) -> None:
@@ -242,9 +483,15 @@ class CopyBeforeWrite(Layer):
         if self.broken is not None:
             raise OSError(errno.EIO, f"snapshot is broken: copy-before-write failed ({self.broken})")
 
+    def _check_access(self, first: int, last: int) -> None:
+        """QEMU refuses (EACCES, sent as EINVAL) snapshot requests outside ``bitmap``."""
+        if self.access is not None and not self.access[first : last + 1].all():
+            raise RequestError(Errno.EINVAL, "outside the snapshot's bitmap: not readable")
+
     async def snapshot_read(self, offset: int, buf: memoryview) -> None:
         self._check_broken()
         first, last = self._span(offset, len(buf))
+        self._check_access(first, last)
         key = await self.locks.acquire(first, last, exclusive=False)
         try:
             await self._wait_pre(offset, len(buf))
@@ -267,6 +514,7 @@ class CopyBeforeWrite(Layer):
         """``base:allocation`` of the view: the source's status for uncopied clusters."""
         self._check_broken()
         first, last = self._span(offset, length)
+        self._check_access(first, last)
         # Shared lock: no copy + zeroing of the source may slip in between the
         # ``done`` check and the source's answer.
         key = await self.locks.acquire(first, last, exclusive=False)

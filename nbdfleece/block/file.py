@@ -20,6 +20,14 @@ the file (milliseconds per call on a 1 GiB image).
 Zeroing uses ``fallocate``: PUNCH_HOLE when the client allows
 deallocation, ZERO_RANGE when it does not, then explicit zero buffers
 (never for FAST_ZERO, which fails with ENOTSUP instead).
+
+Copies between two stores (copy-before-write) use ``copy_file_range``: the
+kernel moves the bytes page cache to page cache (or shares the blocks on
+filesystems that can), with no trip through a Python buffer and, off
+tmpfs, in one worker job instead of a read job and a write job.  Where the
+kernel refuses (another filesystem, a block device) or a copy fails, the
+same job falls back to ``pread``/``pwrite``, which also tells whether the
+read or the write side failed.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import errno
 import os
 import stat
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -88,6 +97,54 @@ def _pwrite_full(fd: int, view: memoryview, offset: int, flags: int = 0) -> None
         offset += n
 
 
+COPY_CHUNK = 1 << 20
+"""Bytes per ``copy_file_range`` call and the fallback's buffer size."""
+_COPY_UNSUPPORTED = (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF)
+"""``copy_file_range`` errnos that mean "not between these two files": use pread/pwrite."""
+_copy_buffers = threading.local()
+
+
+def copy_failed(exc: OSError, op: str) -> OSError:
+    """``exc`` tagged with the side of a copy that failed (``read`` or ``write``)."""
+    exc.copy_op = op  # type: ignore[attr-defined]
+    return exc
+
+
+def copy_side(exc: BaseException) -> str:
+    """Which side of a copy failed: ``read`` or ``write`` (``write`` if unknown)."""
+    return str(getattr(exc, "copy_op", "write"))
+
+
+def _copy_file_range_full(src: int, dst: int, offset: int, length: int) -> None:
+    """Copy ``[offset, offset+length)`` from ``src`` to the same offsets of ``dst``."""
+    end = offset + length
+    while offset < end:
+        n = os.copy_file_range(src, dst, min(end - offset, COPY_CHUNK), offset, offset)
+        if n == 0:
+            raise OSError(errno.EIO, "unexpected end of file (was the image truncated?)")
+        offset += n
+
+
+def _copy_buffered(src: int, dst: int, offset: int, length: int) -> None:
+    """The same copy through a per-thread buffer; failures say which side failed."""
+    buf: bytearray | None = getattr(_copy_buffers, "buf", None)
+    if buf is None:
+        buf = _copy_buffers.buf = bytearray(COPY_CHUNK)
+    view = memoryview(buf)
+    end = offset + length
+    while offset < end:
+        n = min(end - offset, COPY_CHUNK)
+        try:
+            _pread_full(src, view[:n], offset)
+        except OSError as exc:
+            raise copy_failed(exc, "read") from None
+        try:
+            _pwrite_full(dst, view[:n], offset)
+        except OSError as exc:
+            raise copy_failed(exc, "write") from None
+        offset += n
+
+
 def _nowait(io: Callable[[int, list[memoryview], int, int], int], fd: int, view: memoryview,
             offset: int) -> int | None:
     """One ``RWF_NOWAIT`` call: bytes done, 0 if it would wait, None if unsupported here."""
@@ -118,6 +175,8 @@ class FileStore(BlockNode):
         self._seek_holes = not self._is_block
         # Only trims and zeroing create holes; a fully allocated file needs no probing.
         self._maybe_sparse = self._seek_holes and st.st_blocks * 512 < self._size
+        self._no_copy_range: set[int] = set()
+        """Target fds ``copy_file_range`` refused to copy to from here."""
 
     # -- properties -------------------------------------------------------
     @property
@@ -153,19 +212,22 @@ class FileStore(BlockNode):
         if not (self._inline or self._read_nowait):
             return None
         length = len(buf)
-        segments = (
-            self._sparse_segments(offset, offset + length)
-            if sparse and self._maybe_sparse
-            else [Segment(0, length, False)]
-        )
-        for seg in segments:
-            if seg.zero:
-                continue
-            view = buf[seg.start : seg.start + seg.length]
-            if self._inline:
-                _pread_full(self._fd, view, offset + seg.start)
-            elif self._try_nowait_read(offset + seg.start, view) < seg.length:
-                return None
+        try:
+            segments = (
+                self._sparse_segments(offset, offset + length)
+                if sparse and self._maybe_sparse
+                else [Segment(0, length, False)]
+            )
+            for seg in segments:
+                if seg.zero:
+                    continue
+                view = buf[seg.start : seg.start + seg.length]
+                if self._inline:
+                    _pread_full(self._fd, view, offset + seg.start)
+                elif self._try_nowait_read(offset + seg.start, view) < seg.length:
+                    return None
+        except OSError:
+            return None  # the slow path meets the error again and replies with it
         return segments
 
     def sendfile_map(
@@ -179,7 +241,12 @@ class FileStore(BlockNode):
 
     def write_nowait(self, offset: int, data: memoryview) -> bool:
         if self._inline:
-            _pwrite_full(self._fd, data, offset)
+            try:
+                _pwrite_full(self._fd, data, offset)
+            except OSError:
+                # ENOSPC/EIO: the slow path rewrites the range and replies
+                # with the error instead of this path dropping the connection.
+                return False
             return True
         # A partial NOWAIT write is fine to report as False: the slow path
         # rewrites the whole range with the same bytes.
@@ -334,11 +401,40 @@ class FileStore(BlockNode):
 
     # -- status -----------------------------------------------------------
     async def block_status(self, offset: int, length: int) -> list[Extent]:
-        if not self._seek_holes:
+        if not (self._seek_holes and self._maybe_sparse):
+            # Nothing to find (and on tmpfs SEEK_HOLE scans the rest of the
+            # file: milliseconds per call, paid by every nbdcopy).
             return [Extent(length, AllocationState(0))]
         segments = await self._call(self._map_sync, offset, length)
         hole = AllocationState.HOLE | AllocationState.ZERO
         return [Extent(s.length, hole if s.zero else AllocationState(0)) for s in segments]
+
+    # -- copies to another store (copy-before-write) ----------------------
+    def copy_to_nowait(self, target: FileStore, offset: int, length: int) -> bool:
+        """Copy a range into ``target`` at the same offsets, now, if neither file
+        can wait for a disk (both memory-backed); False: use :meth:`copy_to`."""
+        if not (self._inline and target._inline):
+            return False
+        self._copy_sync(target, offset, length)
+        return True
+
+    async def copy_to(self, target: FileStore, offset: int, length: int) -> None:
+        """Copy a range into ``target`` at the same offsets (one worker job)."""
+        if self._inline and target._inline:
+            self._copy_sync(target, offset, length)
+        else:
+            await run_blocking(self._copy_sync, target, offset, length)
+
+    def _copy_sync(self, target: FileStore, offset: int, length: int) -> None:
+        if target._fd not in self._no_copy_range:
+            try:
+                _copy_file_range_full(self._fd, target._fd, offset, length)
+                return
+            except OSError as exc:
+                if exc.errno in _COPY_UNSUPPORTED:
+                    self._no_copy_range.add(target._fd)
+                # Either way the buffered copy retries it and says which side fails.
+        _copy_buffered(self._fd, target._fd, offset, length)
 
     async def close(self) -> None:
         self.close_sync()

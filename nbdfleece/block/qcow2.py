@@ -1057,7 +1057,8 @@ class Qcow2Node(BlockNode):
                 new_needed += 1
         async with self._meta:
             new = await self._alloc_locked(new_needed)
-        pieces: list[tuple[int, memoryview]] = []
+        pieces: list[tuple[int, memoryview, int]] = []
+        """(host offset, bytes, offset of the bytes in ``data`` or -1 for a cluster buffer)"""
         updates: list[tuple[int, int]] = []
         fresh = iter(new)
         try:
@@ -1068,20 +1069,20 @@ class Qcow2Node(BlockNode):
                 src = data[lo - offset : hi - offset]
                 host = raw & L2E_OFFSET_MASK
                 if kinds[i] == DATA:
-                    pieces.append((host + lo - cstart, src))
+                    pieces.append((host + lo - cstart, src, lo - offset))
                     continue
                 if not host:
                     host = next(fresh)
                 if lo == cstart and hi == cstart + cs:
-                    pieces.append((host, src))
+                    pieces.append((host, src, lo - offset))
                 else:
                     cluster = bytearray(cs)
                     if kinds[i] == UNALLOCATED and self.backing is not None:
                         await self._read_backing(cstart, memoryview(cluster)[: min(cs, self._size - cstart)])
                     cluster[lo - cstart : hi - cstart] = src
-                    pieces.append((host, memoryview(cluster)))
+                    pieces.append((host, memoryview(cluster), -1))
                 updates.append((vc, host | OFLAG_COPIED))
-            await self._write_pieces(pieces)
+            await self._write_pieces(pieces, data)
         except BaseException:
             async with self._meta:
                 self._unalloc(new)
@@ -1089,19 +1090,26 @@ class Qcow2Node(BlockNode):
         async with self._meta:
             await self._update_l2_locked(updates)
 
-    async def _write_pieces(self, pieces: list[tuple[int, memoryview]]) -> None:
-        """Write (host offset, bytes) pieces, joining runs that are contiguous on the host."""
+    async def _write_pieces(self, pieces: list[tuple[int, memoryview, int]], data: memoryview) -> None:
+        """Write (host offset, bytes, offset in ``data``) pieces, joining runs that are
+        contiguous on the host; a run that is also one stretch of ``data`` is written
+        from it without a copy (a large write into new, consecutive clusters)."""
         i = 0
         while i < len(pieces):
             j = i + 1
             pos = pieces[i][0] + len(pieces[i][1])
+            in_data = pieces[i][2] >= 0
             while j < len(pieces) and pieces[j][0] == pos:
+                in_data = in_data and pieces[j][2] == pieces[j - 1][2] + len(pieces[j - 1][1])
                 pos += len(pieces[j][1])
                 j += 1
             if j == i + 1:
                 await self._write_file(pieces[i][0], pieces[i][1])
+            elif in_data:
+                start = pieces[i][2]
+                await self._write_file(pieces[i][0], data[start : start + pos - pieces[i][0]])
             else:
-                await self._write_file(pieces[i][0], b"".join(p for _, p in pieces[i:j]))
+                await self._write_file(pieces[i][0], b"".join(p for _, p, _ in pieces[i:j]))
             i = j
 
     # -- zeroing and discard ------------------------------------------------------------------

@@ -31,14 +31,27 @@ from dataclasses import dataclass
 from typing import Any
 
 from nbdfleece import __version__
+from nbdfleece.bitmap import DirtyBitmap
+from nbdfleece.block.faults import (
+    BLKDEBUG_EVENTS,
+    OPS,
+    FaultSpecError,
+    blkdebug_spec,
+    spec_from_options,
+)
+from nbdfleece.block.nbd import NbdNode
+from nbdfleece.client import NbdAddress, NbdConnectionError
 from nbdfleece.daemon import Daemon
+from nbdfleece.errors import ConfigError
 from nbdfleece.graph import ControlError, GraphNode, Undo
 from nbdfleece.qmp.protocol import CAPABILITIES_ARGS, version_info
 from nbdfleece.qmp.schema import (
     BOOL,
     INT,
+    NUMBER,
     STR,
     UINT32,
+    UINT64,
     Alternate,
     Enum,
     List,
@@ -49,6 +62,7 @@ from nbdfleece.qmp.schema import (
     Where,
     check_arguments,
 )
+from nbdfleece.tls import TlsCredsObject, TlsMode, TlsPolicy, load_creds_object
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +122,7 @@ def action(name: str, members: Mapping[str, Type], *, command: bool = True) -> C
             return apply
 
         async def run_alone(daemon: Daemon, args: Args) -> None:
-            apply(daemon, args)
+            commit(apply(daemon, args))
 
         COMMANDS[name] = Command(name, data, run_alone)
         return apply
@@ -262,6 +276,27 @@ def run_transaction(daemon: Daemon, actions: list[Args], completion_mode: str = 
             except Exception:  # keep undoing the rest; the original error is what we report
                 log.exception("transaction: an undo failed")
         raise
+    for undo in undos:
+        commit(undo)
+
+
+class Staged:
+    """An action's undo that also has a commit step, run once every action of
+    the transaction has applied (QEMU's ``.commit``: ``blockdev-backup`` starts
+    its job there, so an aborted transaction never runs it)."""
+
+    def __init__(self, undo: Undo, on_commit: Callable[[], None]) -> None:
+        self.undo = undo
+        self.on_commit = on_commit
+
+    def __call__(self) -> None:
+        self.undo()
+
+
+def commit(undo: Undo) -> None:
+    """The commit step of an applied action, if it has one."""
+    if isinstance(undo, Staged):
+        undo.on_commit()
 
 
 # -- block nodes ----------------------------------------------------------------------
@@ -283,7 +318,27 @@ BLOCKDEV_OPTIONS.branches = {
         "*cbw-timeout": UINT32,
     }),
     "snapshot-access": Struct("BlockdevOptionsSnapshotAccess", {"file": BLOCKDEV_REF}),
+    # Fault injection (block/faults.py): QEMU's blkdebug as far as it fits, and our own rules.
+    "blkdebug": Struct("BlockdevOptionsBlkdebug", {
+        "image": BLOCKDEV_REF,
+        "*inject-error": List(Struct("BlkdebugInjectErrorOptions", {
+            "event": Enum("BlkdebugEvent", BLKDEBUG_EVENTS), "*state": INT,
+            "*iotype": Enum("BlkdebugIOType", OPS), "*errno": INT, "*sector": INT,
+            "*once": BOOL, "*immediately": BOOL,
+        })),
+    }),
+    "x-nbdfleece-fault": Struct("BlockdevOptionsNbdfleeceFault", {
+        "image": BLOCKDEV_REF,
+        "rules": List(Struct("NbdfleeceFaultRule", {
+            "ops": List(Enum("NbdfleeceFaultOp", (*OPS, "all"))), "*errno": STR,
+            "*probability": NUMBER,
+            "*ranges": List(Struct("NbdfleeceFaultRange", {"offset": UINT64, "length": UINT64})),
+            "*after": UINT64, "*once": BOOL, "*count": UINT64, "*delay": NUMBER,
+            "*partial": BOOL, "*seed": INT,
+        })),
+    }),
 }
+FAULT_DRIVERS = ("blkdebug", "x-nbdfleece-fault")
 _generated_names = itertools.count(1)
 
 
@@ -313,7 +368,12 @@ def _open_node(daemon: Daemon, options: Args, created: list[GraphNode], *,
     else:
         _check_node_name(daemon, name)
     read_only = options.get("read-only", inherited_read_only)
-    if options["driver"] == "file":
+    if options["driver"] in FAULT_DRIVERS:
+        node = _open_fault_node(daemon, name, options, created, read_only)
+    elif options["driver"] == "nbd":  # connected beforehand by _connect_nbd_nodes
+        node = graph.add_nbd(name, _CONNECTED_NBD[id(options)], read_only=read_only)
+        del _CONNECTED_NBD[id(options)]  # the graph owns it now (blockdev-del closes it)
+    elif options["driver"] == "file":
         node = graph.add_file(name, options["filename"], read_only=read_only)
     else:
         ref = options["file"]
@@ -327,13 +387,13 @@ def _open_node(daemon: Daemon, options: Args, created: list[GraphNode], *,
             backing = graph.node(options["backing"]) if "backing" in options else None
             node = graph.add_qcow2(name, child, backing, read_only=read_only)
         elif options["driver"] == "copy-before-write":
-            if "bitmap" in options:
-                raise QmpError("copy-before-write: the 'bitmap' option is not supported yet")
             ref = options["target"]
             target = (graph.node(ref) if isinstance(ref, str)
                       else _open_node(daemon, ref, created, implicit=True))
             node = daemon.add_cbw_node(name, child, target,
-                                       on_cbw_error=options.get("on-cbw-error", "break-guest-write"))
+                                       on_cbw_error=options.get("on-cbw-error", "break-guest-write"),
+                                       bitmap=_cbw_bitmap(daemon, options.get("bitmap")),
+                                       cbw_timeout=options.get("cbw-timeout", 0))
         elif options["driver"] == "snapshot-access":
             node = daemon.add_snapshot_access(name, child)
         else:
@@ -343,17 +403,61 @@ def _open_node(daemon: Daemon, options: Args, created: list[GraphNode], *,
     return node
 
 
+def _open_fault_node(daemon: Daemon, name: str, options: Args, created: list[GraphNode],
+                     read_only: bool) -> GraphNode:
+    """``blkdebug`` / ``x-nbdfleece-fault``: a fault filter over ``image``."""
+    try:
+        if options["driver"] == "blkdebug":
+            specs = [blkdebug_spec(rule) for rule in options.get("inject-error", [])]
+        else:
+            specs = [spec_from_options(_fault_rule_options(rule)) for rule in options["rules"]]
+    except FaultSpecError as exc:
+        raise QmpError(f"{options['driver']}: {exc}") from None
+    ref = options["image"]
+    image = (daemon.graph.node(ref) if isinstance(ref, str)
+             else _open_node(daemon, ref, created, implicit=True, inherited_read_only=read_only))
+    if not read_only and image.top.read_only:
+        raise QmpError("Block node is read-only")
+    return daemon.graph.add_fault(name, image, specs, driver=options["driver"], read_only=read_only)
+
+
+def _fault_rule_options(rule: Args) -> Args:
+    """A checked ``NbdfleeceFaultRule`` in ``spec_from_options`` form (ranges as pairs)."""
+    out = dict(rule)
+    out["ranges"] = [(r["offset"], r["offset"] + r["length"]) for r in rule.get("ranges", [])]
+    return out
+
+
+def _cbw_bitmap(daemon: Daemon, ref: Args | None) -> DirtyBitmap | None:
+    """copy-before-write's ``bitmap``, looked up as QEMU's block_dirty_bitmap_lookup does."""
+    if ref is None:
+        return None
+    owner = daemon.graph.nodes.get(ref["node"])
+    if owner is None:
+        raise QmpError(f"Node '{ref['node']}' not found")
+    bitmap = owner.bitmaps.get(ref["name"])
+    if bitmap is None:
+        raise QmpError(f"Dirty bitmap '{ref['name']}' not found")
+    return bitmap
+
+
 @command("blockdev-add", BLOCKDEV_OPTIONS)
 async def blockdev_add(daemon: Daemon, args: Args) -> None:
     if "node-name" not in args:
         raise QmpError("'node-name' must be specified for the root node")
     created: list[GraphNode] = []
+    connected = await _connect_nbd_nodes(daemon, args)
     try:
         _open_node(daemon, args, created, implicit=False)
     except BaseException:
         for node in reversed(created):
             await daemon.graph.remove(node.name)
         raise
+    finally:
+        for key in connected:  # connected, but the graph did not take them
+            leftover = _CONNECTED_NBD.pop(key, None)
+            if leftover is not None:
+                await leftover.close()
     log.info("blockdev-add: node '%s' (%s)", args["node-name"], args["driver"])
 
 
@@ -390,6 +494,8 @@ def block_device_info(daemon: Daemon, node: GraphNode) -> dict[str, Any]:
     """QEMU's ``BlockDeviceInfo`` for one node (the fields that mean something here)."""
     image = node.image()
     filename = image.path if image is not None else ""
+    if isinstance(node.format_node, NbdNode):  # QEMU shows the server's NBD URI
+        filename = node.format_node.describe()
     snapshot = next((sn for sn in daemon.snapshots.values() if sn.node is node), None)
     if snapshot is not None:
         filename = snapshot.overlay  # the overlay that holds the copied clusters
@@ -499,6 +605,71 @@ SOCKET_ADDRESS_LEGACY = Union("SocketAddressLegacy", "type", branches={
 SOCKET_ADDRESS = Union("SocketAddress", "type", branches={"inet": INET, "unix": UNIX})
 
 
+# -- blockdev-add driver=nbd: a node on a remote NBD server (block/nbd.py) ----------------
+
+BLOCKDEV_OPTIONS.branches = {**BLOCKDEV_OPTIONS.branches, "nbd": Struct("BlockdevOptionsNbd", {
+    "server": SOCKET_ADDRESS, "*export": STR, "*tls-creds": STR, "*tls-hostname": STR,
+    "*x-dirty-bitmap": STR, "*reconnect-delay": UINT32, "*open-timeout": UINT32,
+})}
+_CONNECTED_NBD: dict[int, NbdNode] = {}
+"""nbd nodes connected for a ``blockdev-add`` in progress, by ``id()`` of their options."""
+
+
+def _nbd_address(options: Args) -> NbdAddress:
+    """QEMU's ``BlockdevOptionsNbd`` as a client address; refuses what is not supported."""
+    for option, why in (("tls-creds", "TLS for nbd nodes is not supported yet"),
+                        ("tls-hostname", "TLS for nbd nodes is not supported yet"),
+                        ("x-dirty-bitmap", "not supported (read bitmaps with block status instead)")):
+        if option in options:
+            raise QmpError(f"nbd: '{option}': {why}")
+    if options.get("reconnect-delay", 0):
+        raise QmpError("nbd: 'reconnect-delay': not supported (a lost connection is not re-made)")
+    server = options["server"]
+    export = options.get("export", "")
+    if server["type"] == "unix":
+        return NbdAddress(False, None, 0, server["path"], export)
+    host, port = server["host"], server["port"]
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not 0 <= number < 65536:
+        raise QmpError(f"Address resolution failed for {host}:{port}: Servname not supported for ai_socktype")
+    return NbdAddress(False, host, number, None, export)
+
+
+async def _connect_nbd_nodes(daemon: Daemon, options: Args) -> list[int]:
+    """Connect every ``nbd`` node of a ``BlockdevOptions`` tree (inline children
+    included) before ``_open_node``, which does not await, adds them."""
+    keys: list[int] = []
+    try:
+        for value in (options, *options.values()):
+            if value is options:
+                if options.get("driver") != "nbd":
+                    continue
+                address = _nbd_address(options)
+                timeout = float(options.get("open-timeout", 0)) or 30.0
+                try:
+                    # No nursery: the connection's holder task must outlive the daemon's
+                    # nurseries, since the graph closes its nodes after they have ended.
+                    remote = await NbdNode.connect(options.get("node-name", ""), address,
+                                                   connect_timeout=timeout)
+                except NbdConnectionError as exc:
+                    raise QmpError(f"Failed to connect to {address.describe()}: "
+                                   f"{exc.strerror or exc}") from None
+                _CONNECTED_NBD[id(options)] = remote
+                keys.append(id(options))
+            elif isinstance(value, dict) and "driver" in value:
+                keys += await _connect_nbd_nodes(daemon, value)
+    except BaseException:
+        for key in keys:
+            leftover = _CONNECTED_NBD.pop(key, None)
+            if leftover is not None:
+                await leftover.close()
+        raise
+    return keys
+
+
 class NbdServerAddress(Type):
     """``SocketAddressLegacy`` (``{type, data: {...}}``) or the flat ``SocketAddress``."""
 
@@ -521,18 +692,72 @@ def listen_spec(addr: Args) -> str:
     "addr": NbdServerAddress(), "*tls-creds": STR, "*tls-authz": STR, "*max-connections": UINT32,
 })
 async def nbd_server_start(daemon: Daemon, args: Args) -> None:
+    tls = None
     if "tls-creds" in args:
-        raise QmpError(f"No TLS credentials with id '{args['tls-creds']}'")
+        creds = daemon.objects.get(args["tls-creds"])
+        if not isinstance(creds, TlsCredsObject):
+            raise QmpError(f"No TLS credentials with id '{args['tls-creds']}'")
+        if creds.server is None:
+            raise QmpError("Expected TLS credentials for a server endpoint")
+        # As QEMU: tls-creds means FORCEDTLS; the exports' tls-allow lists still apply.
+        base = daemon.server.tls.policy if daemon.server.tls is not None else TlsPolicy()
+        if base.allow and not creds.server.verify_peer:
+            raise QmpError(f"TLS credentials '{creds.id}' do not verify client certificates "
+                           "(verify-peer), but exports have tls-allow lists")
+        tls = creds.server.with_policy(base.with_mode(TlsMode.REQUIRED))
     if "tls-authz" in args:
-        raise QmpError("tls-authz is not supported without tls-creds")
+        raise QmpError("tls-authz is not supported without tls-creds" if tls is None else
+                       "tls-authz is not supported: authorise clients with the exports' tls-allow")
     if "max-connections" in args:
         log.warning("nbd-server-start: max-connections=%d is not enforced", args["max-connections"])
-    daemon.nbd_server_start([listen_spec(args["addr"])])
+    daemon.nbd_server_start([listen_spec(args["addr"])], tls=tls)
 
 
 @command("nbd-server-stop")
 async def nbd_server_stop(daemon: Daemon, args: Args) -> None:
     daemon.nbd_server_stop()
+
+
+# -- user-creatable objects: TLS credentials ---------------------------------------------
+
+_TLS_CREDS_COMMON = {
+    "*verify-peer": BOOL, "*dir": STR, "*endpoint": Enum("QCryptoTLSCredsEndpoint", ("client", "server")),
+    "*priority": STR,
+}
+OBJECT_OPTIONS = Union("ObjectOptions", "qom-type", base={"id": STR}, branches={
+    "tls-creds-psk": Struct("TlsCredsPskProperties", {**_TLS_CREDS_COMMON, "*username": STR}),
+    "tls-creds-x509": Struct("TlsCredsX509Properties", {
+        **_TLS_CREDS_COMMON, "*sanity-check": BOOL, "*passwordid": STR,
+    }),
+})
+
+
+@command("object-add", OBJECT_OPTIONS)
+async def object_add(daemon: Daemon, args: Args) -> None:
+    """``tls-creds-x509`` / ``tls-creds-psk`` as QEMU: ``dir`` in the QEMU/libnbd layout."""
+    object_id = args["id"]
+    if not id_wellformed(object_id):
+        raise QmpError("Parameter 'id' expects an identifier")
+    for unsupported in ("priority", "passwordid", "username"):
+        if unsupported in args:
+            raise QmpError(f"{args['qom-type']}: '{unsupported}' is not supported by nbdfleece")
+    if "dir" not in args:
+        raise QmpError("Missing 'dir' property value")
+    try:
+        creds = load_creds_object(object_id, args["qom-type"], args["dir"],
+                                  args.get("endpoint", "client"), args.get("verify-peer", True))
+    except ConfigError as exc:
+        raise QmpError(str(exc)) from None
+    if object_id in daemon.objects:  # QEMU checks this last, once the object is complete
+        raise QmpError(f"attempt to add duplicate property '{object_id}' to object (type 'container')")
+    daemon.objects[object_id] = creds
+
+
+@command("object-del", {"id": STR})
+async def object_del(daemon: Daemon, args: Args) -> None:
+    # As QEMU, a running NBD server keeps credentials that are deleted under it.
+    if daemon.objects.pop(args["id"], None) is None:
+        raise QmpError(f"object '{args['id']}' not found")
 
 
 # -- point-in-time snapshots (nbdfleece extension) --------------------------------------
@@ -601,38 +826,93 @@ def blockdev_backup(daemon: Daemon, args: Args) -> Undo:
     if sync == "incremental" and args.get("bitmap-mode", "on-success") != "on-success":
         raise QmpError("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'")
     job_id: str = args["job-id"] if "job-id" in args else args["device"]
+    if "job-id" in args and not id_wellformed(job_id):
+        raise QmpError(f"Invalid job ID '{job_id}'")
+    manual = {"auto_finalize": args.get("auto-finalize", True),
+              "auto_dismiss": args.get("auto-dismiss", True)}
     if sync == "none":
-        daemon.start_fleecing(job_id, args["device"], args["target"])
+        job = daemon.start_fleecing(job_id, args["device"], args["target"], **manual)
     else:
-        daemon.start_push_backup(job_id, args["device"], args["target"], sync,
-                                 bitmap=args.get("bitmap"), bitmap_mode=args.get("bitmap-mode"))
+        job = daemon.start_push_backup(job_id, args["device"], args["target"], sync,
+                                       bitmap=args.get("bitmap"), bitmap_mode=args.get("bitmap-mode"),
+                                       **manual)
 
     def undo() -> None:
-        daemon.cancel_job(job_id)
+        daemon.cancel_job(job)  # not started yet: created -> aborting -> concluded -> null
 
-    return undo
+    return Staged(undo, lambda: daemon.start_job(job))
 
 
 @command("query-block-jobs")
 async def query_block_jobs(daemon: Daemon, args: Args) -> Any:
-    return [daemon.job_info(job) for job in daemon.jobs.values()]
+    return [daemon.job_info(job) for job in daemon.jobs_newest_first()]
 
 
 @command("query-jobs")
 async def query_jobs(daemon: Daemon, args: Args) -> Any:
-    return [
-        {"id": job.id, "type": "backup", "status": job.status,
-         "current-progress": daemon.job_progress(job)[0],
-         "total-progress": daemon.job_progress(job)[1]}
-        for job in daemon.jobs.values()
-    ]
+    return [daemon.job_query(job) for job in daemon.jobs_newest_first()]
+
+
+# QEMU's job verbs, by job id (job-*) and by device (block-job-*: "Block job 'x' not found").
+
+@command("job-cancel", {"id": STR})
+async def job_cancel(daemon: Daemon, args: Args) -> None:
+    daemon.cancel_job(daemon.find_job(args["id"], block=False))
 
 
 @command("block-job-cancel", {"device": STR, "*force": BOOL})
 async def block_job_cancel(daemon: Daemon, args: Args) -> None:
-    daemon.cancel_job(args["device"])
+    job = daemon.find_job(args["device"], block=True)
+    if job.user_paused and not args.get("force", False):
+        raise QmpError(f"The block job for device '{args['device']}' is currently paused")
+    daemon.cancel_job(job)
 
 
-@command("job-cancel", {"id": STR})
-async def job_cancel(daemon: Daemon, args: Args) -> None:
-    daemon.cancel_job(args["id"])
+@command("job-pause", {"id": STR})
+async def job_pause(daemon: Daemon, args: Args) -> None:
+    daemon.pause_job(daemon.find_job(args["id"], block=False))
+
+
+@command("block-job-pause", {"device": STR})
+async def block_job_pause(daemon: Daemon, args: Args) -> None:
+    daemon.pause_job(daemon.find_job(args["device"], block=True))
+
+
+@command("job-resume", {"id": STR})
+async def job_resume(daemon: Daemon, args: Args) -> None:
+    daemon.resume_job(daemon.find_job(args["id"], block=False))
+
+
+@command("block-job-resume", {"device": STR})
+async def block_job_resume(daemon: Daemon, args: Args) -> None:
+    daemon.resume_job(daemon.find_job(args["device"], block=True))
+
+
+@command("job-complete", {"id": STR})
+async def job_complete(daemon: Daemon, args: Args) -> None:
+    daemon.complete_job(daemon.find_job(args["id"], block=False))
+
+
+@command("block-job-complete", {"device": STR})
+async def block_job_complete(daemon: Daemon, args: Args) -> None:
+    daemon.complete_job(daemon.find_job(args["device"], block=True))
+
+
+@command("job-finalize", {"id": STR})
+async def job_finalize(daemon: Daemon, args: Args) -> None:
+    daemon.finalize_job(daemon.find_job(args["id"], block=False))
+
+
+@command("block-job-finalize", {"id": STR})
+async def block_job_finalize(daemon: Daemon, args: Args) -> None:
+    daemon.finalize_job(daemon.find_job(args["id"], block=True))
+
+
+@command("job-dismiss", {"id": STR})
+async def job_dismiss(daemon: Daemon, args: Args) -> None:
+    daemon.dismiss_job(daemon.find_job(args["id"], block=False))
+
+
+@command("block-job-dismiss", {"id": STR})
+async def block_job_dismiss(daemon: Daemon, args: Args) -> None:
+    daemon.dismiss_job(daemon.find_job(args["id"], block=True))

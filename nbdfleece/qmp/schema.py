@@ -103,6 +103,15 @@ class Int(Type):
         return value
 
 
+class Number(Type):
+    """QAPI ``number``: any JSON number (an integer is taken as a float)."""
+
+    def check(self, value: JSON, where: Where) -> JSON:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _wrong_type(where, "number")
+        return float(value)
+
+
 class UInt(Type):
     """QAPI ``uint8``..``uint64``.
 
@@ -243,6 +252,7 @@ INT = Int()
 UINT16 = UInt(16)
 UINT32 = UInt(32)
 UINT64 = UInt(64)
+NUMBER = Number()
 
 
 def check_arguments(schema: Type, arguments: JSON) -> dict[str, JSON]:

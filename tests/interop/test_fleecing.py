@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -206,3 +207,167 @@ def test_copy_before_write_and_snapshot_access_nodes(tmp_path: Path) -> None:
     mapped = run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(target)]).stdout
     assert '"start": 0, "length": 2097152' in mapped and '"start": 10485760, "length": 65536' in mapped
     assert '"start": 20971520, "length": 65536, "depth": 0, "present": true' not in mapped
+
+
+async def cbw_bitmap_scenario(sock: Path, live: Path, work: Path, port: int) -> dict[str, Any]:
+    """Reference Appendix A §8: a copy-before-write filter with ``bitmap``."""
+    client = QMP.QMPClient("cbw-bitmap-test")
+    await client.connect(str(sock))
+    x = client.execute
+    uri = f"nbd://127.0.0.1:{port}"
+    out: dict[str, Any] = {}
+
+    async def refused(args: dict[str, Any]) -> str:
+        with pytest.raises(QMP.ExecuteError) as info:
+            await x("blockdev-add", args)
+        desc: str = info.value.error.error.desc
+        return desc
+
+    await x("blockdev-add", {"driver": "file", "node-name": "proto", "filename": str(live)})
+    await x("blockdev-add", {"driver": "raw", "node-name": "live", "file": "proto"})
+    await x("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}})
+    await x("block-export-add", {"type": "nbd", "id": "live", "node-name": "live", "writable": True})
+    await x("block-dirty-bitmap-add", {"node": "live", "name": "b2"})
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x77 2M 64k", "-c", "write -P 0x88 8M 64k", f"{uri}/live"])
+    out["before"] = live.read_bytes()  # every write above was acknowledged
+    target = work / "fleece3.raw"
+    with open(target, "wb") as f:
+        f.truncate(SIZE)
+    small = work / "small.raw"
+    with open(small, "wb") as f:
+        f.truncate(SIZE // 2)
+    await x("blockdev-add", {"driver": "file", "node-name": "tmp3", "filename": str(target)})
+    await x("blockdev-add", {"driver": "file", "node-name": "small", "filename": str(small)})
+    await x("block-dirty-bitmap-add", {"node": "small", "name": "half"})
+    await x("block-dirty-bitmap-add", {"node": "proto", "name": "cbwmap", "granularity": 65536,
+                                       "disabled": True})
+    await x("block-dirty-bitmap-merge", {"node": "proto", "target": "cbwmap",
+                                         "bitmaps": [{"node": "live", "name": "b2"}]})
+    cbw = {"driver": "copy-before-write", "node-name": "fl-cbw3", "file": "proto", "target": "tmp3"}
+    out["refusals"] = [
+        await refused({**cbw, "bitmap": {"node": "nope", "name": "cbwmap"}}),
+        await refused({**cbw, "bitmap": {"node": "proto", "name": "nope"}}),
+        await refused({**cbw, "bitmap": {"node": "small", "name": "half"}}),
+    ]
+    await x("blockdev-add", {**cbw, "bitmap": {"node": "proto", "name": "cbwmap"}})
+    await x("blockdev-add", {"driver": "snapshot-access", "node-name": "fl-access3", "file": "fl-cbw3"})
+    with pytest.raises(QMP.ExecuteError) as info:
+        await x("block-export-add", {"type": "nbd", "id": "snap3", "node-name": "fl-access3",
+                                     "name": "snap3", "bitmaps": ["cbwmap"]})
+    out["local_name"] = info.value.error.error.desc
+    await x("block-export-add", {"type": "nbd", "id": "snap3", "node-name": "fl-access3", "name": "snap3",
+                                 "bitmaps": [{"node": "proto", "name": "cbwmap"}]})
+    # Live writes inside (2M) and outside (0, 16M) the bitmap.
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x55 2M 64k", "-c", "write -P 0x66 0 64k",
+         "-c", "write -P 0x44 16M 64k", f"{uri}/live"])
+    out["map"] = run(["nbdinfo", "--map=qemu:dirty-bitmap:cbwmap", f"{uri}/snap3"]).stdout
+    out["reads"] = run(["qemu-io", "-r", "-f", "raw", "-c", "read -P 0x77 2M 64k",
+                        "-c", "read -P 0x88 8M 64k", f"{uri}/snap3"]).stdout
+    out["outside"] = run(["qemu-io", "-r", "-f", "raw", "-c", "read 0 64k", f"{uri}/snap3"], check=False)
+    out["straddling"] = run(["qemu-io", "-r", "-f", "raw", "-c", "read 2M 128k", f"{uri}/snap3"],
+                            check=False)
+    out["base_map"] = run(["nbdinfo", "--map", f"{uri}/snap3"], check=False)
+    await x("block-export-del", {"id": "snap3"})
+    await asyncio.sleep(0.1)
+    for node in ("fl-access3", "fl-cbw3", "tmp3", "small"):
+        await x("blockdev-del", {"node-name": node})
+    await x("block-dirty-bitmap-remove", {"node": "proto", "name": "cbwmap"})
+    await client.disconnect()
+    out["target"] = target.read_bytes()
+    return out
+
+
+@pytest.mark.interop
+def test_copy_before_write_bitmap(tmp_path: Path) -> None:
+    require("qemu-io", "nbdinfo")
+    live = tmp_path / "live.raw"
+    live.write_bytes(os.urandom(SIZE))
+    r = run_with_qmp_server(tmp_path, lambda sock, port: cbw_bitmap_scenario(sock, live, tmp_path, port))
+    assert r["refusals"] == [
+        "Node 'nope' not found",
+        "Dirty bitmap 'nope' not found",
+        "Cannot create block-copy-state: Failed to merge bitmap 'half' to internal copy-bitmap: "
+        "Bitmaps are incompatible and can't be merged",
+    ]
+    assert r["local_name"] == "Bitmap 'cbwmap' is not found"
+    assert r["map"].split("\n")[:5] == [
+        "         0     2097152    0  clean",
+        "   2097152       65536    1  dirty",
+        "   2162688     6225920    0  clean",
+        "   8388608       65536    1  dirty",
+        "   8454144    58654720    0  clean",
+    ]
+    assert r["reads"].count("read 65536/65536 bytes") == 2
+    # Outside the bitmap, even partly: EACCES inside QEMU, EINVAL on the wire.
+    assert r["outside"].returncode != 0 and "Invalid argument" in r["outside"].stdout + r["outside"].stderr
+    assert r["straddling"].returncode != 0
+    assert r["base_map"].returncode != 0 and "Invalid argument" in r["base_map"].stderr
+    # Only the written cluster inside the bitmap was copied; the others were not.
+    target = r["target"]
+    assert target[2 << 20 : (2 << 20) + 65536] == r["before"][2 << 20 : (2 << 20) + 65536]
+    assert not target.replace(b"\0", b"")[65536:]  # nothing but those 64 KiB
+    image = live.read_bytes()
+    assert image[:65536] == b"\x66" * 65536 and image[16 << 20 : (16 << 20) + 65536] == b"\x44" * 65536
+
+
+async def cbw_timeout_scenario(sock: Path, live: Path, work: Path, port: int, policy: str) -> dict[str, Any]:
+    """``cbw-timeout`` with a target whose first write takes 2 s (a fault node)."""
+    client = QMP.QMPClient("cbw-timeout-test")
+    await client.connect(str(sock))
+    x = client.execute
+    uri = f"nbd://127.0.0.1:{port}"
+    out: dict[str, Any] = {}
+    target = work / "ovl.raw"
+    with open(target, "wb") as f:
+        f.truncate(SIZE)
+    await x("blockdev-add", {"driver": "file", "node-name": "proto", "filename": str(live)})
+    await x("blockdev-add", {"driver": "raw", "node-name": "live", "file": "proto"})
+    await x("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}})
+    await x("block-export-add", {"type": "nbd", "id": "live", "node-name": "live", "writable": True})
+    await x("blockdev-add", {"driver": "x-nbdfleece-fault", "node-name": "slow",
+                             "image": {"driver": "file", "filename": str(target)},
+                             "rules": [{"ops": ["write"], "delay": 2.0, "once": True}]})
+    await x("blockdev-add", {"driver": "copy-before-write", "node-name": "cbw", "file": "live",
+                             "target": "slow", "cbw-timeout": 1, "on-cbw-error": policy})
+    await x("blockdev-add", {"driver": "snapshot-access", "node-name": "snap", "file": "cbw"})
+    await x("block-export-add", {"type": "nbd", "id": "snap", "node-name": "snap"})
+    out["first"] = run(["qemu-io", "-f", "raw", "-c", "write -P 0x55 1M 4k", f"{uri}/live"], check=False)
+    # The timed-out copy goes on in the background; once it is done, writes pass.
+    deadline = time.monotonic() + 30
+    while True:
+        again = run(["qemu-io", "-f", "raw", "-c", "write -P 0x56 1M 4k", f"{uri}/live"], check=False)
+        if again.returncode == 0 and "wrote 4096/4096" in again.stdout:
+            break
+        assert time.monotonic() < deadline, again.stdout + again.stderr
+        await asyncio.sleep(0.2)
+    out["snapshot"] = run(["qemu-io", "-r", "-f", "raw", "-c", "read -v 1M 16", f"{uri}/snap"],
+                          check=False)
+    await x("block-export-del", {"id": "snap"})
+    await asyncio.sleep(0.1)
+    for node in ("snap", "cbw", "slow"):
+        await x("blockdev-del", {"node-name": node})
+    await client.disconnect()
+    return out
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("policy", ["break-guest-write", "break-snapshot"])
+def test_cbw_timeout(tmp_path: Path, policy: str) -> None:
+    require("qemu-io")
+    live = tmp_path / "live.raw"
+    old = os.urandom(SIZE)
+    live.write_bytes(old)
+    r = run_with_qmp_server(tmp_path, lambda sock, port: cbw_timeout_scenario(sock, live, tmp_path, port,
+                                                                             policy))
+    first = r["first"]
+    snapshot = r["snapshot"]
+    if policy == "break-guest-write":
+        # The guest write failed (ETIMEDOUT, sent as EIO) and the snapshot is whole.
+        assert "write failed: Input/output error" in first.stdout + first.stderr
+        assert snapshot.returncode == 0
+        assert " ".join(f"{b:02x}" for b in old[1 << 20 : (1 << 20) + 16]) in snapshot.stdout
+    else:
+        # The guest write passed; the snapshot broke: its reads fail.
+        assert first.returncode == 0 and "wrote 4096/4096" in first.stdout
+        assert "read failed: Input/output error" in snapshot.stdout + snapshot.stderr
+    assert live.read_bytes()[1 << 20 : (1 << 20) + 4096] == b"\x56" * 4096

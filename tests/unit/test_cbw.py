@@ -8,10 +8,13 @@ request on a ``trio.Event`` (``Blocker``), or that yield at random points
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
+from typing import Any
 
 import pytest
 import trio
@@ -29,7 +32,7 @@ from nbdfleece.block.cbw import (
 from nbdfleece.block.memory import MemoryStore
 from nbdfleece.block.node import BlockNode, Extent, Layer, Segment
 from nbdfleece.block.tracking import DirtyTracking
-from nbdfleece.constants import AllocationState
+from nbdfleece.constants import AllocationState, Errno
 
 C = 4096  # cluster size used by most tests
 SIZE = 16 * C + 1000  # the last cluster is partial
@@ -127,7 +130,18 @@ class FaultyTarget(Layer):
 
 
 class NowaitStore(MemoryStore):
-    """A memory store with the synchronous write fast path."""
+    """A memory store with the synchronous fast paths (``read_nowait`` only
+    with ``nowait_reads``, so that a source without it can be modelled)."""
+
+    def __init__(self, name: str, size: int, *, nowait_reads: bool = True) -> None:
+        super().__init__(name, size)
+        self.nowait_reads = nowait_reads
+
+    def read_nowait(self, offset: int, buf: memoryview, *, sparse: bool = False) -> list[Segment] | None:
+        if not self.nowait_reads:
+            return None
+        buf[:] = self.data[offset : offset + len(buf)]
+        return [Segment(0, len(buf), False)]
 
     def write_nowait(self, offset: int, data: memoryview) -> bool:
         self.data[offset : offset + len(data)] = data
@@ -385,8 +399,9 @@ async def test_random_concurrent_writers_and_snapshot_readers() -> None:
     for seed in range(20):
         rng = random.Random(seed)
         old = noise(SIZE, 100 + seed)
-        src = source_with(old)
-        tgt = MemoryStore("tgt", SIZE)
+        src = NowaitStore("src", SIZE, nowait_reads=seed % 3 != 0)  # fast-path copies or not
+        src.data[:] = old
+        tgt = NowaitStore("tgt", SIZE)
         cbw = CopyBeforeWrite("cbw", Jitter(src, rng), Jitter(tgt, rng), cluster_size=C)
         model = bytearray(old)
         bad: list[tuple[int, int]] = []
@@ -403,7 +418,8 @@ async def test_random_concurrent_writers_and_snapshot_readers() -> None:
                 if kind == 0:
                     data = rng.randbytes(b - a)
                     model[a:b] = data
-                    await cbw.write(a, wrap(data))
+                    if not (rng.random() < 0.5 and cbw.write_nowait(a, wrap(data))):
+                        await cbw.write(a, wrap(data))
                 elif kind == 1:
                     model[a:b] = bytes(b - a)
                     await cbw.write_zeroes(a, b - a, may_trim=rng.random() < 0.5)
@@ -437,7 +453,8 @@ class PreSetup:
     """tracking -> blocker -> source with one write W parked below tracking,
     then the filter inserted the way ``Daemon.create_snapshot`` does it."""
 
-    def __init__(self, nursery: trio.Nursery, w_offset: int, w_data: bytes) -> None:
+    def __init__(self, nursery: trio.Nursery, w_offset: int, w_data: bytes, *,
+                 nowait_target: bool = False) -> None:
         self.old = noise(SIZE, 7)
         self.src = NowaitStore("src", SIZE)
         self.src.data[:] = self.old
@@ -448,7 +465,7 @@ class PreSetup:
         self.w_hold = self.blocker.hold("write", w_offset)
         self.w_done = trio.Event()
         nursery.start_soon(self._w)
-        self.tgt = MemoryStore("tgt", SIZE)
+        self.tgt = NowaitStore("tgt", SIZE) if nowait_target else MemoryStore("tgt", SIZE)
         self.cbw: CopyBeforeWrite | None = None
 
     async def _w(self) -> None:
@@ -530,16 +547,21 @@ async def test_pre_inflight_write_is_captured_whole_by_a_later_copy(g_offset: in
     assert bytes(pre.src.data) == bytes(live)
 
 
-async def test_pre_inflight_blocks_the_fast_path() -> None:
+async def test_pre_inflight_blocks_fast_path_copies() -> None:
+    """While W (from before the snapshot) is under way, a fast-path write that
+    needs a copy is refused (its copy would have to wait for W, wherever W is);
+    one to an already copied cluster needs no copy and may pass."""
     async with trio.open_nursery() as nursery:
-        pre = PreSetup(nursery, 5 * C, b"P" * 10)
+        pre = PreSetup(nursery, 5 * C, b"P" * 10, nowait_target=True)
         cbw = await pre.activate()
         await cbw.write(9 * C, wrap(b"c"))  # cluster 9 copied (W is elsewhere)
-        # ...but the fast path is refused while W, from before the snapshot, is pending
-        assert cbw.write_nowait(9 * C, wrap(b"x")) is False
+        assert cbw.write_nowait(10 * C, wrap(b"x")) is False  # needs a copy: refused
+        assert cbw.write_nowait(5 * C, wrap(b"x")) is False  # W's own cluster: refused
+        assert not cbw.done[10] and not cbw.done[5]
+        assert cbw.write_nowait(9 * C + 1, wrap(b"y")) is True  # copied already
         pre.w_hold.release.set()
-    await cbw.write(9 * C, wrap(b"d"))  # an async request notices that W is done
-    assert cbw.write_nowait(9 * C + 1, wrap(b"x")) is True
+    assert cbw.write_nowait(10 * C, wrap(b"x")) is True  # W done: copied in the fast path
+    assert cbw.done[10] and pre.tgt.data[10 * C : 11 * C] == pre.old[10 * C : 11 * C]
     assert await snap(cbw) == pre.expected()
 
 
@@ -730,8 +752,10 @@ def test_model(scenario: tuple[int, int, list[Op]], seed: int) -> None:
 
     async def main() -> None:
         old = noise(size, seed)
-        src = source_with(old)
-        tgt = MemoryStore("tgt", size)
+        rng = random.Random(seed)
+        src = NowaitStore("src", size, nowait_reads=rng.random() < 0.7)
+        src.data[:] = old
+        tgt = NowaitStore("tgt", size) if rng.random() < 0.7 else MemoryStore("tgt", size)
         cbw = CopyBeforeWrite("cbw", src, tgt, cluster_size=cluster)
         model = bytearray(old)
         touched: set[int] = set()
@@ -741,7 +765,8 @@ def test_model(scenario: tuple[int, int, list[Op]], seed: int) -> None:
                 continue
             if kind == "write":
                 model[off : off + n] = bytes([byte]) * n
-                await cbw.write(off, wrap(bytes([byte]) * n))
+                if not (byte & 2 and cbw.write_nowait(off, wrap(bytes([byte]) * n))):
+                    await cbw.write(off, wrap(bytes([byte]) * n))
             elif kind == "zero":
                 model[off : off + n] = bytes(n)
                 await cbw.write_zeroes(off, n, may_trim=bool(byte & 1))
@@ -758,3 +783,333 @@ def test_model(scenario: tuple[int, int, list[Op]], seed: int) -> None:
             assert tgt.data[lo:hi] == old[lo:hi]
 
     trio.run(main)
+
+
+# -- fast-path copies ----------------------------------------------------------------------
+
+async def test_fast_path_copies_runs_of_pending_clusters() -> None:
+    old = noise(SIZE, 20)
+    src = NowaitStore("src", SIZE)
+    src.data[:] = old
+    tgt = NowaitStore("tgt", SIZE)
+    cbw = CopyBeforeWrite("cbw", src, tgt, cluster_size=C)
+    await cbw.write(3 * C, wrap(b"a"))  # cluster 3 copied by the async path
+    # clusters 1..5 minus 3: two runs copied, the copied cluster left alone
+    assert cbw.write_nowait(C + 7, wrap(b"F" * (4 * C))) is True
+    assert cbw.done[1:6].all() and not cbw.done[0] and not cbw.done[6]
+    assert cbw.copied_bytes == 5 * C
+    assert tgt.data[C : 6 * C] == old[C : 6 * C]
+    assert src.data[C + 7 : 5 * C + 7] == b"F" * (4 * C)
+    # the partial last cluster
+    assert cbw.write_nowait(SIZE - 3, wrap(b"end")) is True
+    assert tgt.data[16 * C :] == old[16 * C :] and cbw.copied_bytes == 5 * C + 1000
+    assert await snap(cbw) == old
+
+
+class BrokenNowaitTarget(NowaitStore):
+    """Its fast path fails the way a disk can, its slow path by ``failing``."""
+
+    def __init__(self, name: str, size: int) -> None:
+        super().__init__(name, size)
+        self.failing = True
+
+    def write_nowait(self, offset: int, data: memoryview) -> bool:
+        raise OSError(errno.ENOSPC, "no space (fast path)")
+
+    async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
+        if self.failing:
+            raise OSError(errno.ENOSPC, "no space")
+        await super().write(offset, data, fua=fua)
+
+
+async def test_a_failed_fast_path_copy_is_redone_and_reported_by_the_async_path() -> None:
+    old = noise(SIZE, 21)
+    src = NowaitStore("src", SIZE)
+    src.data[:] = old
+    tgt = BrokenNowaitTarget("tgt", SIZE)
+    cbw = CopyBeforeWrite("cbw", src, tgt, cluster_size=C)
+    assert cbw.write_nowait(0, wrap(b"x")) is False  # the error is not swallowed...
+    assert not cbw.done.any() and bytes(src.data) == old
+    with pytest.raises(OSError) as info:  # ...the async path reports it
+        await cbw.write(0, wrap(b"x"))
+    assert info.value.errno == errno.ENOSPC and cbw.copy_op == "write"
+    tgt.failing = False
+    await cbw.write(0, wrap(b"x"))
+    assert await snap(cbw) == old
+
+
+async def test_a_source_read_failure_is_reported_as_read() -> None:
+    class FailingReads(MemoryStore):
+        async def read(self, offset: int, buf: memoryview, *, sparse: bool = False) -> list[Segment]:
+            raise OSError(errno.EIO, "bad sector")
+
+    cbw = CopyBeforeWrite("cbw", FailingReads("src", SIZE), MemoryStore("t", SIZE), cluster_size=C)
+    with pytest.raises(OSError):
+        await cbw.write(0, wrap(b"x"))
+    assert cbw.copy_op == "read"
+
+
+# -- the bitmap option -----------------------------------------------------------------------
+
+async def test_bitmap_limits_copies_and_snapshot_access() -> None:
+    """QEMU 7.0+ ``bitmap``: only its clusters are copied and readable; other
+    snapshot reads and status fail (EACCES in QEMU, NBD_EINVAL on the wire)."""
+    from nbdfleece.bitmap import DirtyBitmap
+    from nbdfleece.errors import RequestError
+
+    old = noise(SIZE, 22)
+    src = NowaitStore("src", SIZE)
+    src.data[:] = old
+    tgt = NowaitStore("tgt", SIZE)
+    bitmap = DirtyBitmap("b", SIZE, 512, recording=False)
+    bitmap.mark(2 * C + 100, 1)  # cluster 2
+    bitmap.mark(6 * C - 1, 2)  # clusters 5 and 6 (granules straddle nothing else)
+    bitmap.mark(SIZE - 1, 1)  # the partial last cluster
+    cbw = CopyBeforeWrite("cbw", src, tgt, cluster_size=C, bitmap=bitmap)
+    assert cbw.pending.nonzero()[0].tolist() == [2, 5, 6, 16]
+    bitmap.clear()  # later changes of the user's bitmap do not matter
+    # writes outside the bitmap are not copied, even through the async path
+    await cbw.write(0, wrap(b"o" * (2 * C)))
+    assert cbw.write_nowait(8 * C, wrap(b"o")) is True
+    assert cbw.copied_bytes == 0 and not tgt.data.strip(b"\0")
+    # inside it, old data is kept
+    await cbw.write(2 * C, wrap(b"i" * (5 * C)))  # clusters 2..6: copies 2, 5 and 6 only
+    assert cbw.done.nonzero()[0].tolist() == [2, 5, 6] and cbw.copied_bytes == 3 * C
+    for off, n in [(2 * C, C), (5 * C + 3, 2 * C - 3), (16 * C, 1000)]:
+        assert await snap(cbw, off, n) == old[off : off + n]
+    for off, n in [(0, 1), (3 * C, 1), (2 * C, 2 * C), (4 * C, 3 * C), (SIZE - 1001, 2)]:
+        with pytest.raises(RequestError) as info:
+            await snap(cbw, off, n)
+        assert info.value.errno == Errno.EINVAL
+        with pytest.raises(RequestError):
+            await cbw.snapshot_status(off, n)
+    assert (await cbw.snapshot_status(5 * C, 2 * C))[0].length == 2 * C
+
+
+async def test_bitmap_granularity_coarser_than_the_cluster_and_bad_sizes() -> None:
+    from nbdfleece.bitmap import DirtyBitmap
+
+    src = MemoryStore("src", SIZE)
+    coarse = DirtyBitmap("b", SIZE, 4 * C, recording=False)
+    coarse.mark(5 * C, 1)  # granule 1 = clusters 4..7
+    cbw = CopyBeforeWrite("cbw", src, MemoryStore("t", SIZE), cluster_size=C, bitmap=coarse)
+    assert cbw.pending.nonzero()[0].tolist() == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="incompatible"):
+        CopyBeforeWrite("cbw", src, MemoryStore("t", SIZE), cluster_size=C,
+                        bitmap=DirtyBitmap("b", SIZE - 1))
+
+
+# -- cbw-timeout -------------------------------------------------------------------------------
+# The clock is trio's autojump MockClock: virtual seconds pass as soon as every
+# task waits, so these tests take no real time and assert no real durations.
+
+def slow_target(size: int, delay: float) -> tuple[MemoryStore, BlockNode]:
+    from nbdfleece.block.faults import FaultInjector, FaultSpec
+
+    store = MemoryStore("tgt", size)
+    return store, FaultInjector("slow", store, [FaultSpec(ops=frozenset({"write"}), error=None,
+                                                           delay=delay)])
+
+
+async def test_cbw_timeout_breaks_the_guest_write_and_the_copy_finishes_later(
+        autojump_clock: trio.testing.MockClock) -> None:
+    old = noise(SIZE, 23)
+    src = source_with(old)
+    store, slow = slow_target(SIZE, 5.0)
+    cbw = CopyBeforeWrite("cbw", src, slow, cluster_size=C, cbw_timeout=1.0)
+    start = trio.current_time()
+    with pytest.raises(OSError) as info:
+        await cbw.write(C + 1, wrap(b"x"))
+    assert info.value.errno == errno.ETIMEDOUT
+    assert trio.current_time() - start == pytest.approx(1.0)
+    assert bytes(src.data) == old and not cbw.done[1]  # the guest write did not pass
+    # a second write to the cluster waits for the same copy: it times out too
+    with pytest.raises(OSError) as info:
+        await cbw.write(C + 2, wrap(b"y"))
+    assert info.value.errno == errno.ETIMEDOUT
+    # the copy goes on in the background, then the cluster counts as copied
+    await trio.sleep(10)
+    assert cbw.done[1] and store.data[C : 2 * C] == old[C : 2 * C] and len(cbw.locks) == 0
+    await cbw.write(C + 1, wrap(b"x"))  # nothing left to copy: no delay
+    assert src.data[C + 1] == ord("x")
+    assert await snap(cbw) == old
+
+
+async def test_cbw_timeout_not_reached(autojump_clock: trio.testing.MockClock) -> None:
+    old = noise(SIZE, 24)
+    src = source_with(old)
+    store, slow = slow_target(SIZE, 0.5)
+    cbw = CopyBeforeWrite("cbw", src, slow, cluster_size=C, cbw_timeout=1.0)
+    await cbw.write(0, wrap(b"x" * (3 * C)))
+    assert cbw.done[:3].all() and store.data[: 3 * C] == old[: 3 * C]
+    assert len(cbw.locks) == 0
+    assert await snap(cbw) == old
+
+
+async def test_cbw_timeout_with_break_snapshot(autojump_clock: trio.testing.MockClock) -> None:
+    old = noise(SIZE, 25)
+    src = source_with(old)
+    _, slow = slow_target(SIZE, 5.0)
+    cbw = CopyBeforeWrite("cbw", src, slow, cluster_size=C, cbw_timeout=1.0,
+                          on_cbw_error=BREAK_SNAPSHOT)
+    await cbw.write(0, wrap(b"x"))  # goes through: the snapshot breaks instead
+    assert src.data[0] == ord("x")
+    assert cbw.broken is not None and cbw.broken.errno == errno.ETIMEDOUT
+    with pytest.raises(OSError) as info:
+        await snap(cbw, 0, 1)
+    assert info.value.errno == errno.EIO
+    start = trio.current_time()
+    await cbw.write(0, wrap(b"y"))  # a broken snapshot copies nothing: no waiting
+    await cbw.write(8 * C, wrap(b"z"))
+    assert trio.current_time() == start
+    await trio.sleep(10)
+    assert len(cbw.locks) == 0
+
+
+async def test_a_cancelled_guest_write_leaves_the_lock_to_the_copy(
+        autojump_clock: trio.testing.MockClock) -> None:
+    old = noise(SIZE, 26)
+    src = source_with(old)
+    store, slow = slow_target(SIZE, 5.0)
+    cbw = CopyBeforeWrite("cbw", src, slow, cluster_size=C, cbw_timeout=60.0)
+    with trio.move_on_after(1.0):  # the client went away
+        await cbw.write(0, wrap(b"x"))
+    assert len(cbw.locks) == 1  # held by the copy still under way
+    await trio.sleep(10)
+    assert len(cbw.locks) == 0 and cbw.done[0] and store.data[:C] == old[:C]
+    assert bytes(src.data) == old
+
+
+# -- file-to-file copies (copy_file_range) -----------------------------------------------
+
+def _folders() -> list[str]:
+    """An ordinary folder and, where there is one, a memory-backed one."""
+    import tempfile
+
+    out = [tempfile.gettempdir()]
+    if os.path.isdir("/dev/shm"):
+        out.append("/dev/shm")
+    return out
+
+
+def _image(folder: str, name: str, size: int, chunks: dict[int, bytes], fill: bytes = b"") -> str:
+    path = os.path.join(folder, name)
+    with open(path, "wb") as f:
+        if fill:
+            f.write(fill * (size // len(fill)))
+        f.truncate(size)
+        for offset, chunk in chunks.items():
+            f.seek(offset)
+            f.write(chunk)
+    return path
+
+
+@pytest.mark.parametrize("pair", ["same-folder", "across-filesystems"])
+async def test_file_copies_holes_as_zeroes(tmp_path: Any, pair: str) -> None:
+    """copy_file_range (or the pread/pwrite fallback across filesystems) over a
+    sparse source: holes land as zeroes over whatever the target held."""
+    from nbdfleece.block.file import FileStore, memory_backed
+
+    folders = _folders()
+    if pair == "across-filesystems" and len(folders) < 2:
+        pytest.skip("needs a memory-backed folder next to an ordinary one")
+    size = 1 << 20
+    data = {0: noise(5000, 1), 300_000: noise(70_000, 2), size - 10: b"T" * 10}
+    with contextlib.ExitStack() as stack:
+        src_dir = stack.enter_context(tempfile_dir(folders[-1]))
+        dst_dir = src_dir if pair == "same-folder" else stack.enter_context(tempfile_dir(folders[0]))
+        src_path = _image(src_dir, "src.raw", size, data)
+        dst_path = _image(dst_dir, "dst.raw", size, {}, fill=b"\xff")
+        src, dst = FileStore("src", src_path), FileStore("dst", dst_path)
+        try:
+            inline = memory_backed(src.fileno()) and memory_backed(dst.fileno())
+            # the fast path copies only between two memory-backed files
+            assert src.copy_to_nowait(dst, 0, 4096) is inline
+            await src.copy_to(dst, 0, size)
+            expected = bytearray(size)
+            for offset, chunk in data.items():
+                expected[offset : offset + len(chunk)] = chunk
+            with open(dst_path, "rb") as f:
+                assert f.read() == bytes(expected)
+            if pair == "across-filesystems":
+                assert dst.fileno() in src._no_copy_range  # EXDEV remembered
+        finally:
+            src.close_sync()
+            dst.close_sync()
+
+
+async def test_file_copy_failures_say_which_side(tmp_path: Any) -> None:
+    from nbdfleece.block.file import FileStore, copy_side
+
+    src_path = _image(str(tmp_path), "src.raw", 1 << 16, {0: b"x" * 100})
+    dst_path = _image(str(tmp_path), "dst.raw", 1 << 16, {})
+    src, dst = FileStore("src", src_path), FileStore("dst", dst_path, read_only=True)
+    try:
+        with pytest.raises(OSError) as info:
+            await src.copy_to(dst, 0, 1 << 16)
+        assert copy_side(info.value) == "write"
+        with pytest.raises(OSError) as info:  # past the end of the source
+            await dst.copy_to(src, 0, 1 << 17)
+        assert copy_side(info.value) == "read" and info.value.errno == errno.EIO
+    finally:
+        src.close_sync()
+        dst.close_sync()
+
+
+@pytest.mark.parametrize("folder", _folders())
+async def test_cbw_between_two_files(folder: str) -> None:
+    """The filter over real files: on tmpfs guest writes copy in the fast path,
+    elsewhere through one worker job; either way the snapshot holds."""
+    from nbdfleece.block.file import FileStore, memory_backed
+
+    size = 40 * 65536 + 123
+    old = noise(size, 27)
+    with tempfile_dir(folder) as d:
+        src = FileStore("src", _image(d, "live.raw", size, {0: old}))
+        tgt = FileStore("tgt", _image(d, "overlay.raw", size, {}))
+        try:
+            cbw = CopyBeforeWrite("cbw", src, tgt)
+            fast = cbw.write_nowait(65536 + 5, wrap(b"n" * 200_000))
+            assert fast is memory_backed(src.fileno())
+            if not fast:
+                await cbw.write(65536 + 5, wrap(b"n" * 200_000))
+            await cbw.write(size - 1, wrap(b"e"))
+            assert cbw.done.nonzero()[0].tolist() == [1, 2, 3, 4, 40]
+            assert await snap(cbw) == old
+            buf = bytearray(size)
+            await src.read(0, memoryview(buf))
+            assert buf[65536 + 5 : 65536 + 200_005] == b"n" * 200_000 and buf[-1:] == b"e"
+        finally:
+            src.close_sync()
+            tgt.close_sync()
+
+
+@contextlib.contextmanager
+def tempfile_dir(folder: str) -> Iterator[str]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=folder, prefix="nbdfleece-test-") as d:
+        yield d
+
+
+async def test_drain_waits_for_copies_and_reads_under_way() -> None:
+    old = noise(SIZE, 28)
+    src = source_with(old)
+    blocker = Blocker(MemoryStore("tgt", SIZE))
+    cbw = CopyBeforeWrite("cbw", src, blocker, cluster_size=C)
+    h = blocker.hold("write", 0)
+    drained = trio.Event()
+
+    async def drain() -> None:
+        await cbw.drain()
+        drained.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cbw.write, 0, wrap(b"x"))
+        await h.entered.wait()  # the copy is writing to the target
+        nursery.start_soon(drain)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not drained.is_set()
+        h.release.set()
+    assert drained.is_set() and len(cbw.locks) == 0
+    await cbw.drain()  # nothing under way: returns at once

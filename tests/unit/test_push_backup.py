@@ -15,7 +15,7 @@ from nbdfleece.block.memory import MemoryStore
 from nbdfleece.block.node import Extent, Layer
 from nbdfleece.block.tracking import DirtyTracking
 from nbdfleece.constants import AllocationState
-from nbdfleece.daemon import Daemon
+from nbdfleece.daemon import BackupJob, Daemon
 from nbdfleece.exports import ExportRegistry
 from nbdfleece.graph import ControlError, GraphNode
 from nbdfleece.server import Server
@@ -54,6 +54,13 @@ def setup(*, failing: bool = False, holes: bool = False) -> tuple[Daemon, Memory
     return daemon, src, tgt, faulty, events
 
 
+def start(daemon: Daemon, *args: Any, **kwargs: Any) -> BackupJob:
+    """``blockdev-backup`` run alone: the job is created, then started (commit)."""
+    job = daemon.start_push_backup(*args, **kwargs)
+    daemon.start_job(job)
+    return job
+
+
 async def settle(daemon: Daemon) -> None:
     with trio.fail_after(5):
         while daemon.jobs:
@@ -71,7 +78,7 @@ def dirty_bitmap(daemon: Daemon, ranges: list[tuple[int, int]]) -> DirtyBitmap:
 async def test_full_backup_copies_everything_and_guest_writes_see_the_start() -> None:
     daemon, src, tgt, _, events = setup()
     old = bytes(src.data)
-    daemon.start_push_backup("j", "live", "tgt", "full")
+    start(daemon, "j", "live", "tgt", "full")
     # A guest write right after the start: the target still gets the old data.
     await daemon.graph.node("live").top.write(SIZE - 100, memoryview(b"N" * 100))
     await settle(daemon)
@@ -86,7 +93,7 @@ async def test_full_backup_copies_everything_and_guest_writes_see_the_start() ->
 
 async def test_top_skips_holes() -> None:
     daemon, src, tgt, _, _ = setup(holes=True)
-    daemon.start_push_backup("j", "live", "tgt", "top")
+    start(daemon, "j", "live", "tgt", "top")
     await settle(daemon)
     for cluster in range(-(-SIZE // C)):
         chunk = slice(cluster * C, min((cluster + 1) * C, SIZE))
@@ -100,10 +107,10 @@ async def test_top_skips_holes() -> None:
 async def test_bitmap_job_success(mode: str) -> None:
     daemon, src, tgt, _, events = setup()
     bitmap = dirty_bitmap(daemon, [(0, 1), (5 * C, 2 * C), (SIZE - 1, 1)])
-    daemon.start_push_backup("j", "live", "tgt", "bitmap", bitmap="b0", bitmap_mode=mode)
+    start(daemon, "j", "live", "tgt", "bitmap", bitmap="b0", bitmap_mode=mode)
     assert bitmap.busy == 1
     with pytest.raises(ControlError, match="busy"):
-        daemon.start_push_backup("k", "live", "tgt", "bitmap", bitmap="b0", bitmap_mode=mode)
+        start(daemon, "k", "live", "tgt", "bitmap", bitmap="b0", bitmap_mode=mode)
     await daemon.graph.node("live").top.write(20 * C, memoryview(b"x"))  # during the job
     await settle(daemon)
     assert bitmap.busy == 0
@@ -122,7 +129,7 @@ async def test_bitmap_job_success(mode: str) -> None:
 async def test_bitmap_job_target_error(mode: str) -> None:
     daemon, _, _, faulty, events = setup(failing=True)
     bitmap = dirty_bitmap(daemon, [(0, C), (30 * C, C)])
-    daemon.start_push_backup("j", "live", "tgt", "bitmap", bitmap="b0", bitmap_mode=mode)
+    start(daemon, "j", "live", "tgt", "bitmap", bitmap="b0", bitmap_mode=mode)
     await settle(daemon)
     names = [n for n, _ in events]
     assert names.index("BLOCK_JOB_ERROR") < names.index("BLOCK_JOB_COMPLETED")
@@ -153,7 +160,7 @@ async def test_partial_failure(mode: str, left: list[tuple[int, int]]) -> None:
     daemon, _, tgt, _, events = setup()
     daemon.graph.node("tgt").top.child = FailsFrom(tgt, errno.EIO)
     bitmap = dirty_bitmap(daemon, [(0, C), (30 * C, C)])
-    daemon.start_push_backup("j", "live", "tgt", "bitmap", bitmap="b0", bitmap_mode=mode)
+    start(daemon, "j", "live", "tgt", "bitmap", bitmap="b0", bitmap_mode=mode)
     await settle(daemon)
     completed = dict(events)["BLOCK_JOB_COMPLETED"]
     assert completed["error"] == "Input/output error" and completed["offset"] == C
@@ -163,9 +170,80 @@ async def test_partial_failure(mode: str, left: list[tuple[int, int]]) -> None:
 async def test_cancel_gives_the_bitmap_back() -> None:
     daemon, _, _, _, events = setup()
     bitmap = dirty_bitmap(daemon, [(0, SIZE)])
-    daemon.start_push_backup("j", "live", "tgt", "bitmap", bitmap="b0", bitmap_mode="on-success")
-    daemon.cancel_job("j")
+    start(daemon, "j", "live", "tgt", "bitmap", bitmap="b0", bitmap_mode="on-success")
+    daemon.cancel_job(daemon.find_job("j", block=False))
     await trio.sleep(0.01)
     assert bitmap.count() == SIZE and bitmap.busy == 0 and not daemon.jobs
     names = [n for n, _ in events]
     assert "BLOCK_JOB_CANCELLED" in names and "BLOCK_JOB_COMPLETED" not in names
+
+
+async def wait_status(daemon: Daemon, job: BackupJob, status: str) -> None:
+    with trio.fail_after(5):
+        while job.status != status:
+            await trio.sleep(0.001)
+
+
+async def test_manual_finalize_keeps_filter_and_bitmap_until_finalize() -> None:
+    daemon, src, tgt, _, events = setup()
+    bitmap = dirty_bitmap(daemon, [(0, C), (9 * C, C)])
+    job = start(daemon, "j", "live", "tgt", "bitmap", bitmap="b0", bitmap_mode="on-success",
+                auto_finalize=False, auto_dismiss=False)
+    await wait_status(daemon, job, "pending")
+    live = daemon.graph.node("live")
+    assert live.top.child is job.cbw and bitmap.busy == 1  # not finalized: all still in place
+    assert ("BLOCK_JOB_PENDING", {"type": "backup", "id": "j"}) in events
+    with pytest.raises(ControlError, match="in state 'pending' cannot accept command verb 'dismiss'"):
+        daemon.dismiss_job(job)
+    daemon.finalize_job(job)
+    below: object = live.top.child
+    assert below is src and bitmap.busy == 0 and bitmap.count() == 0
+    assert job.status == "concluded" and daemon.jobs == {"j": job}
+    assert daemon.graph.node("tgt").users == 1  # held until dismissed
+    daemon.dismiss_job(job)
+    assert not daemon.jobs and daemon.graph.node("tgt").users == 0
+    assert [d["status"] for n, d in events if n == "JOB_STATUS_CHANGE"] == [
+        "created", "running", "waiting", "pending", "concluded", "null"]
+    assert tgt.data[:C] == src.data[:C]
+
+
+async def test_a_full_target_fails_the_job_not_the_guest_write() -> None:
+    daemon, src, _, faulty, events = setup()
+    faulty.failing = True
+    job = daemon.start_push_backup("j", "live", "tgt", "full")
+    # Before the job's first step runs, a guest write needs a copy into the target.
+    daemon.start_job(job)
+    await daemon.graph.node("live").top.write(30 * C, memoryview(b"G" * 10))
+    assert bytes(src.data[30 * C : 30 * C + 10]) == b"G" * 10
+    await settle(daemon)
+    completed = dict(events)["BLOCK_JOB_COMPLETED"]
+    assert completed["error"] == "Input/output error" and completed["offset"] < SIZE
+
+
+async def test_pause_stops_a_push_job_at_its_next_step() -> None:
+    daemon, _, _, _, events = setup()
+    job = start(daemon, "j", "live", "tgt", "full")
+    daemon.pause_job(job)
+    with pytest.raises(ControlError, match="Job is already paused"):
+        daemon.pause_job(job)
+    await wait_status(daemon, job, "paused")
+    offset = job.offset
+    await trio.sleep(0.05)
+    assert job.offset == offset < SIZE and job.user_paused
+    daemon.resume_job(job)
+    with pytest.raises(ControlError, match="Can't resume a job that was not paused"):
+        daemon.resume_job(job)
+    await settle(daemon)
+    assert [d["status"] for n, d in events if n == "JOB_STATUS_CHANGE"] == [
+        "created", "running", "paused", "running", "waiting", "pending", "concluded", "null"]
+
+
+async def test_an_unstarted_job_ends_without_block_job_events() -> None:
+    daemon, _, _, _, events = setup()
+    bitmap = dirty_bitmap(daemon, [(0, SIZE)])
+    job = daemon.start_push_backup("j", "live", "tgt", "bitmap", bitmap="b0", bitmap_mode="on-success")
+    daemon.cancel_job(job)  # a transaction's undo
+    assert not daemon.jobs and bitmap.count() == SIZE and bitmap.busy == 0
+    assert [(n, d.get("status")) for n, d in events] == [
+        ("JOB_STATUS_CHANGE", s) for s in ("created", "aborting", "concluded", "null")]
+    assert daemon.graph.node("live").top.child is not job.cbw

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# run_backup.sh - the backup agent (nbdfleece-backup) against nbdcopy, on nbdfleece.
+#
+#   full backup   nbdfleece-backup full (whole command: QMP, snapshot, plan, read over
+#                 4 connections, qcow2 write, checksum, fsync, teardown) vs nbdcopy of
+#                 a snapshot of the same disk to a raw file on the same filesystem
+#   incremental   1 % of the disk rewritten as scattered 64 KiB blocks, then
+#                 nbdfleece-backup incremental vs nbdcopy of the whole disk to null:
+#                 targets: bytes read <= dirty bytes + 5 %, full >= 0.8x nbdcopy
+#
+# Usage: bench/run_backup.sh
+#
+# Environment overrides:
+#   RUNS              rounds (default 3; order rotates every round)
+#   SIZE              disk size in bytes (default 4 GiB; halved until it fits the
+#                     free space of TMPBASE, and the run says so)
+#   OUT               results folder (default <repo>/bench/results)
+#   TMPBASE           where the scratch folder is made (default /dev/shm)
+#   NBDFLEECE_PYTHON  interpreter with nbdfleece installed (default <repo>/.venv/bin/python)
+#
+# Output: $OUT/backup-<stamp>.json (every round and the medians) and .log.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+RUNS=${RUNS:-3}
+OUT=${OUT:-"$repo/bench/results"}
+TMPBASE=${TMPBASE:-/dev/shm}
+SIZE=${SIZE:-$((4 << 30))}
+NBDFLEECE_PYTHON=${NBDFLEECE_PYTHON:-"$repo/.venv/bin/python"}
+
+command -v nbdcopy >/dev/null || { echo "missing: nbdcopy" >&2; exit 1; }
+[ -x "$NBDFLEECE_PYTHON" ] || { echo "missing: $NBDFLEECE_PYTHON" >&2; exit 1; }
+
+# Space: the disk's data (half its size), a full backup of it, an nbdcopy copy, the chain.
+free=$(df --output=avail -B1 "$TMPBASE" | tail -1)
+wanted=$SIZE
+while [ $((SIZE * 2)) -gt "$free" ] && [ "$SIZE" -gt $((256 << 20)) ]; do
+    SIZE=$((SIZE / 2))
+done
+if [ "$SIZE" != "$wanted" ]; then
+    echo "note: $TMPBASE has $((free >> 20)) MiB free: the disk is $((SIZE >> 20)) MiB, not $((wanted >> 20)) MiB"
+fi
+
+mkdir -p "$OUT"
+stamp=$(date -u +%Y%m%d-%H%M%S)
+scratch=$(mktemp -d -p "$TMPBASE" nbdfleece-backup-bench.XXXXXX)
+trap 'rm -rf "$scratch"' EXIT
+{
+    echo "nbdfleece-backup benchmark, $(date -u), $(nproc) cores, load: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "disk $((SIZE >> 20)) MiB on $TMPBASE, $RUNS rounds"
+    nbdcopy --version | sed -n 1p
+    cd "$repo"
+    "$NBDFLEECE_PYTHON" "$here/backup_bench.py" --scratch "$scratch" --size "$SIZE" --rounds "$RUNS" \
+        --out "$OUT/backup-$stamp.json" --python "$NBDFLEECE_PYTHON"
+    echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+} 2>&1 | tee "$OUT/backup-$stamp.log"

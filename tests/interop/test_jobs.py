@@ -1,0 +1,299 @@
+"""Jobs as QEMU 7.2 runs them (job.c), driven by qemu.qmp against the real server.
+
+``auto-finalize``/``auto-dismiss`` false on ``blockdev-backup``, the job states
+(created, running, paused, waiting, pending, aborting, concluded, null) in QEMU's
+order with ``JOB_STATUS_CHANGE`` and ``BLOCK_JOB_PENDING``, the ``job-*`` and
+``block-job-*`` verbs with QEMU's refusals, ``query-jobs`` / ``query-block-jobs``,
+a failed and a cancelled job kept until dismissed, pause/resume of a running
+push job, and a job whose transaction aborts before it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import run
+from tests.interop.test_backup_jobs import SIZE, drive, raw_file, statuses
+from tests.interop.test_fleecing import bitmaps_of
+
+QMP = pytest.importorskip("qemu.qmp")
+pytestmark = pytest.mark.interop
+
+Events = list[dict[str, Any]]
+
+
+async def wait_for(events: Events, match: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while True:
+        for event in events:
+            if match(event):
+                return event
+        assert time.monotonic() < deadline, f"no {what}: {events}"
+        await asyncio.sleep(0.01)
+
+
+def status_event(job: str, status: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: (e.get("event") == "JOB_STATUS_CHANGE"
+                      and e["data"] == {"id": job, "status": status})
+
+
+async def refused(call: Any) -> tuple[str, str]:
+    """``(class, desc)`` of the QMP error a call must end with."""
+    with pytest.raises(QMP.ExecuteError) as info:
+        await call
+    return info.value.error.error.class_, info.value.error.error.desc
+
+
+def names(events: Events, job: str) -> list[str]:
+    """The job's events in order, a status change shown as its status."""
+    out = []
+    for e in events:
+        data = e.get("data", {})
+        if data.get("id") == job or data.get("device") == job:
+            out.append(data["status"] if e["event"] == "JOB_STATUS_CHANGE" else e["event"])
+    return out
+
+
+def test_manual_finalize_and_dismiss(tmp_path: Path) -> None:
+    live = tmp_path / "live.raw"
+    live.write_bytes(os.urandom(SIZE))
+    target = raw_file(tmp_path / "full.raw")
+
+    async def scenario(client: Any, events: Events, uri: str) -> dict[str, Any]:
+        x = client.execute
+        out: dict[str, Any] = {}
+        await x("block-dirty-bitmap-add", {"node": "live", "name": "b0"})
+        await x("blockdev-add", {"driver": "raw", "node-name": "tgt",
+                                 "file": {"driver": "file", "filename": str(target)}})
+        await x("blockdev-backup", {"job-id": "j0", "device": "live", "target": "tgt", "sync": "full",
+                                    "bitmap": "b0", "bitmap-mode": "on-success",
+                                    "auto-finalize": False, "auto-dismiss": False})
+        await wait_for(events, lambda e: e.get("event") == "BLOCK_JOB_PENDING", "BLOCK_JOB_PENDING")
+        out["pending_jobs"] = await x("query-jobs")
+        out["pending_block_jobs"] = await x("query-block-jobs")
+        out["pending_nodes"] = await x("query-named-block-nodes", {"flat": True})
+        out["refusals"] = [
+            await refused(x("job-dismiss", {"id": "j0"})),
+            await refused(x("block-job-dismiss", {"id": "j0"})),
+            await refused(x("job-complete", {"id": "j0"})),
+            await refused(x("job-finalize", {"id": "nope"})),
+            await refused(x("block-job-finalize", {"id": "nope"})),
+            await refused(x("blockdev-del", {"node-name": "tgt"})),
+            await refused(x("blockdev-backup", {"job-id": "j0", "device": "live", "target": "tgt",
+                                                "sync": "full"})),
+        ]
+        await x("job-finalize", {"id": "j0"})
+        out["concluded_jobs"] = await x("query-jobs")
+        out["concluded_refusals"] = [
+            await refused(x("job-finalize", {"id": "j0"})),
+            await refused(x("job-cancel", {"id": "j0"})),
+            await refused(x("block-job-cancel", {"device": "j0"})),
+            await refused(x("job-pause", {"id": "j0"})),
+        ]
+        await x("job-dismiss", {"id": "j0"})
+        out["after"] = await x("query-jobs")
+        out["after_nodes"] = await x("query-named-block-nodes", {"flat": True})
+        out["dismissed_again"] = await refused(x("job-dismiss", {"id": "j0"}))
+        await x("blockdev-del", {"node-name": "tgt"})
+        out["events"] = list(events)
+        return out
+
+    r = drive(tmp_path, live, scenario)
+    assert r["pending_jobs"] == [{"id": "j0", "type": "backup", "status": "pending",
+                                  "current-progress": SIZE, "total-progress": SIZE}]
+    info = r["pending_block_jobs"][0]
+    assert (info["status"], info["auto-finalize"], info["auto-dismiss"], info["ready"], info["busy"]) == (
+        "pending", False, False, False, False)
+    # Not finalized yet: the bitmap is still the job's.
+    b0 = bitmaps_of(r["pending_nodes"], "live")[0]
+    assert b0["busy"] and b0["count"] == 0
+    assert r["refusals"] == [
+        ("GenericError", "Job 'j0' in state 'pending' cannot accept command verb 'dismiss'"),
+        ("GenericError", "Job 'j0' in state 'pending' cannot accept command verb 'dismiss'"),
+        ("GenericError", "Job 'j0' in state 'pending' cannot accept command verb 'complete'"),
+        ("GenericError", "Job not found"),
+        ("DeviceNotActive", "Block job 'nope' not found"),
+        ("GenericError", "Block device tgt is in use"),
+        ("GenericError", "Job ID 'j0' already in use"),
+    ]
+    assert r["concluded_jobs"][0]["status"] == "concluded" and "error" not in r["concluded_jobs"][0]
+    assert r["concluded_refusals"] == [
+        ("GenericError", f"Job 'j0' in state 'concluded' cannot accept command verb '{verb}'")
+        for verb in ("finalize", "cancel", "cancel", "pause")
+    ]
+    assert r["after"] == [] and r["dismissed_again"] == ("GenericError", "Job not found")
+    b0 = bitmaps_of(r["after_nodes"], "live")[0]
+    assert not b0["busy"] and b0["count"] == 0
+    # QEMU's order: BLOCK_JOB_PENDING right after the status, COMPLETED before concluded.
+    assert names(r["events"], "j0") == [
+        "created", "running", "waiting", "pending", "BLOCK_JOB_PENDING",
+        "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    assert next(e["data"] for e in r["events"] if e["event"] == "BLOCK_JOB_PENDING") == {
+        "type": "backup", "id": "j0"}
+    assert target.read_bytes() == live.read_bytes()
+
+
+def test_cancelled_and_failed_jobs_wait_for_dismiss(tmp_path: Path) -> None:
+    live = tmp_path / "live.raw"
+    live.write_bytes(os.urandom(SIZE))
+    target = raw_file(tmp_path / "t.raw")
+
+    async def scenario(client: Any, events: Events, uri: str) -> dict[str, Any]:
+        x = client.execute
+        out: dict[str, Any] = {}
+        await x("block-dirty-bitmap-add", {"node": "live", "name": "b0"})
+        run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 1M", uri])
+        await x("blockdev-add", {"driver": "file", "node-name": "tgt-file", "filename": str(target)})
+        await x("blockdev-add", {"driver": "raw", "node-name": "tgt", "file": "tgt-file"})
+        # 1. finished, waiting to be finalized, then cancelled: the bitmap is given back
+        await x("blockdev-backup", {"job-id": "c0", "device": "live", "target": "tgt",
+                                    "sync": "bitmap", "bitmap": "b0", "bitmap-mode": "on-success",
+                                    "auto-finalize": False, "auto-dismiss": False})
+        await wait_for(events, status_event("c0", "pending"), "c0 pending")
+        await x("block-job-cancel", {"device": "c0"})
+        out["cancelled_jobs"] = await x("query-jobs")
+        out["cancelled_nodes"] = await x("query-named-block-nodes", {"flat": True})
+        await x("block-job-dismiss", {"id": "c0"})
+        # 2. a target that fails: the job ends with its error and stays concluded
+        await x("blockdev-add", {"driver": "x-nbdfleece-fault", "node-name": "bad", "image": "tgt-file",
+                                 "rules": [{"ops": ["write"], "errno": "ENOSPC"}]})
+        await x("blockdev-backup", {"job-id": "f0", "device": "live", "target": "bad", "sync": "full",
+                                    "auto-dismiss": False})
+        await wait_for(events, status_event("f0", "concluded"), "f0 concluded")
+        out["failed_jobs"] = await x("query-jobs")
+        out["failed_block_jobs"] = await x("query-block-jobs")
+        await x("job-dismiss", {"id": "f0"})
+        await x("blockdev-del", {"node-name": "bad"})
+        await x("blockdev-del", {"node-name": "tgt"})
+        await x("blockdev-del", {"node-name": "tgt-file"})
+        out["events"] = list(events)
+        return out
+
+    r = drive(tmp_path, live, scenario)
+    assert r["cancelled_jobs"] == [{"id": "c0", "type": "backup", "status": "concluded",
+                                    "current-progress": 1 << 20, "total-progress": 1 << 20,
+                                    "error": "Operation canceled"}]
+    b0 = bitmaps_of(r["cancelled_nodes"], "live")[0]
+    assert b0["count"] == 1 << 20 and not b0["busy"]
+    assert names(r["events"], "c0") == [
+        "created", "running", "waiting", "pending", "BLOCK_JOB_PENDING", "aborting",
+        "BLOCK_JOB_CANCELLED", "concluded", "null"]
+    failed = r["failed_jobs"][0]
+    assert (failed["status"], failed["error"]) == ("concluded", "No space left on device")
+    assert failed["current-progress"] < failed["total-progress"] == SIZE
+    assert r["failed_block_jobs"][0]["error"] == "No space left on device"
+    assert names(r["events"], "f0") == [
+        "created", "running", "BLOCK_JOB_ERROR", "aborting", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+
+
+def test_pause_and_resume(tmp_path: Path) -> None:
+    live = tmp_path / "live.raw"
+    live.write_bytes(os.urandom(SIZE))
+    target = raw_file(tmp_path / "t.raw")
+
+    async def scenario(client: Any, events: Events, uri: str) -> dict[str, Any]:
+        x = client.execute
+        out: dict[str, Any] = {}
+        # Each 1 MiB step of the job waits 50 ms at the target: the job runs for seconds.
+        await x("blockdev-add", {"driver": "x-nbdfleece-fault", "node-name": "tgt",
+                                 "image": {"driver": "file", "filename": str(target)},
+                                 "rules": [{"ops": ["write"], "delay": 0.05}]})
+        await x("blockdev-backup", {"job-id": "p0", "device": "live", "target": "tgt", "sync": "full"})
+        await x("job-pause", {"id": "p0"})
+        out["paused_at_once"] = (await x("query-block-jobs"))[0]["paused"]
+        await wait_for(events, status_event("p0", "paused"), "p0 paused")
+        first = (await x("query-jobs"))[0]
+        await asyncio.sleep(0.3)
+        out["progress"] = (first, (await x("query-jobs"))[0])
+        out["refusals"] = [
+            await refused(x("job-pause", {"id": "p0"})),
+            await refused(x("block-job-cancel", {"device": "p0"})),
+            await refused(x("block-job-complete", {"device": "p0"})),
+        ]
+        await x("block-job-resume", {"device": "p0"})
+        out["resumed_twice"] = await refused(x("job-resume", {"id": "p0"}))
+        await wait_for(events, lambda e: e.get("event") == "BLOCK_JOB_COMPLETED", "completion")
+        out["events"] = list(events)
+        return out
+
+    r = drive(tmp_path, live, scenario)
+    assert r["paused_at_once"] is True
+    before, after = r["progress"]
+    assert before["status"] == after["status"] == "paused"
+    assert before["current-progress"] == after["current-progress"] < SIZE
+    assert r["refusals"] == [
+        ("GenericError", "Job is already paused"),
+        ("GenericError", "The block job for device 'p0' is currently paused"),
+        ("GenericError", "Job 'p0' in state 'paused' cannot accept command verb 'complete'"),
+    ]
+    assert r["resumed_twice"] == ("GenericError", "Can't resume a job that was not paused")
+    assert names(r["events"], "p0") == [
+        "created", "running", "paused", "running", "waiting", "pending", "BLOCK_JOB_COMPLETED",
+        "concluded", "null"]
+    assert target.read_bytes() == live.read_bytes()
+
+
+def test_fleecing_job_verbs_and_aborted_transaction(tmp_path: Path) -> None:
+    live = tmp_path / "live.raw"
+    live.write_bytes(os.urandom(SIZE))
+    fleece = raw_file(tmp_path / "fleece.raw")
+    target = raw_file(tmp_path / "t.raw")
+
+    async def scenario(client: Any, events: Events, uri: str) -> dict[str, Any]:
+        x = client.execute
+        out: dict[str, Any] = {}
+        await x("block-dirty-bitmap-add", {"node": "live", "name": "b0"})
+        run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 64k", uri])
+        await x("blockdev-add", {"driver": "raw", "node-name": "tgt",
+                                 "file": {"driver": "file", "filename": str(target)}})
+        # A transaction that aborts after the backup action: its job never starts.
+        out["aborted"] = await refused(x("transaction", {"actions": [
+            {"type": "blockdev-backup", "data": {"job-id": "t0", "device": "live", "target": "tgt",
+                                                 "sync": "bitmap", "bitmap": "b0",
+                                                 "bitmap-mode": "on-success"}},
+            {"type": "abort", "data": {}},
+        ]}))
+        out["after_abort"] = (await x("query-jobs"), await x("query-named-block-nodes", {"flat": True}))
+        # Fleecing: a job that only copies before writes; paused and resumed at once.
+        await x("blockdev-add", {"driver": "raw", "node-name": "fleece",
+                                 "file": {"driver": "file", "filename": str(fleece)}})
+        await x("blockdev-backup", {"job-id": "fl", "device": "live", "target": "fleece", "sync": "none",
+                                    "auto-dismiss": False})
+        await x("block-job-pause", {"device": "fl"})
+        out["paused"] = await x("query-jobs")
+        await x("job-resume", {"id": "fl"})
+        run(["qemu-io", "-f", "raw", "-c", "write -P 0x22 1M 128k", uri])
+        out["running"] = await x("query-jobs")
+        await x("job-cancel", {"id": "fl"})
+        out["cancelled"] = await x("query-block-jobs")
+        await x("job-dismiss", {"id": "fl"})
+        await x("blockdev-del", {"node-name": "fleece"})
+        await x("blockdev-del", {"node-name": "tgt"})
+        out["events"] = list(events)
+        return out
+
+    r = drive(tmp_path, live, scenario)
+    assert r["aborted"] == ("GenericError", "Transaction aborted using Abort action")
+    jobs, nodes = r["after_abort"]
+    assert jobs == []
+    b0 = bitmaps_of(nodes, "live")[0]
+    assert b0["count"] == 65536 and not b0["busy"]  # given back untouched
+    # QEMU's job_cancel_sync of an unstarted job: no BLOCK_JOB_* event at all.
+    assert names(r["events"], "t0") == ["created", "aborting", "concluded", "null"]
+    assert r["paused"][0]["status"] == "paused"
+    assert r["running"] == [{"id": "fl", "type": "backup", "status": "running",
+                             "current-progress": 131072, "total-progress": SIZE}]
+    cancelled = r["cancelled"][0]
+    assert (cancelled["status"], cancelled["error"], cancelled["offset"]) == (
+        "concluded", "Operation canceled", 131072)
+    assert names(r["events"], "fl") == [
+        "created", "running", "paused", "running", "aborting", "BLOCK_JOB_CANCELLED", "concluded",
+        "null"]
+    assert statuses(r["events"], "fl")[-1] == "null"

@@ -1,0 +1,5 @@
+import sys
+
+from nbdfleece_backup.cli import main
+
+sys.exit(main())
