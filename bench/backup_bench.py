@@ -5,7 +5,7 @@ One nbdfleece server exports a sparse raw disk (half of it random data, in
 8 MiB runs every other 8 MiB) with a QMP monitor.  Per round, in rotating order:
 
   full      ``nbdfleece-backup full`` into an empty folder (whole command, wall time),
-            with sha256 pieces (the default) and with ``--checksum crc32``
+            with xxh3-128 pieces (the default), ``--checksum sha256`` and ``--checksum crc32``
   nbdcopy   ``nbdfleece snapshot create`` + ``nbdcopy`` of that snapshot export into a
             raw file on the same filesystem + ``snapshot delete`` (wall time of nbdcopy alone)
 
@@ -122,6 +122,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--ab", type=Path, metavar="DIR",
+                    help="a folder holding another nbdfleece_backup package (e.g. from git archive): "
+                    "its full backup with sha256 joins the rounds as 'sha256-ab'")
     args = ap.parse_args()
     py = args.python
     scratch: Path = args.scratch
@@ -144,16 +147,22 @@ def main() -> None:
             if qmp.exists():
                 break
             time.sleep(0.05)
-        # -- full backup (sha256 and crc32 pieces) vs nbdcopy of a snapshot -----------------
-        variants = ["sha256", "crc32", "nbdcopy"]
+        # -- full backup (xxh3-128, sha256 and crc32 pieces) vs nbdcopy of a snapshot -------
+        variants = ["xxh3-128", "sha256", "crc32", "nbdcopy"] + (["sha256-ab"] if args.ab else [])
+        ours_variants = [v for v in variants if v != "nbdcopy"]
         for r in range(args.rounds):
-            order = variants[r % 3:] + variants[: r % 3]
-            rec: dict[str, Any] = {"round": r, "order": order}
+            k = r % len(variants)
+            order = variants[k:] + variants[:k]
+            rec: dict[str, Any] = {"round": r, "order": order, "load": os.getloadavg()[0]}
             for what in order:
                 if what != "nbdcopy":
                     folder = scratch / f"full-{r}"
-                    t, _ = timed([*agent, "full", "--quiet", "--checksum", what, "--server", nbd,
-                                  "--qmp", str(qmp), "--export", "live", "--to", str(folder)])
+                    env = None
+                    if what.endswith("-ab"):
+                        env = dict(os.environ, PYTHONPATH=f"{args.ab}:{os.environ.get('PYTHONPATH', '')}")
+                    t, _ = timed([*agent, "full", "--quiet", "--checksum", what.removesuffix("-ab"),
+                                  "--server", nbd, "--qmp", str(qmp), "--export", "live",
+                                  "--to", str(folder)], env=env)
                     point = json.loads((folder / "manifest.json").read_text())["points"][0]
                     rec[what] = {"s": t, "cpu": LAST["client"], "server_cpu": LAST["server"],
                                  "read": point["bytes_read"], "inner_s": point["seconds"],
@@ -167,9 +176,10 @@ def main() -> None:
                     timed([*snap, "delete", f"s{r}"])
                     os.unlink(out)
             peer = rec["nbdcopy"]
-            line = [f"round {r}: nbdcopy {peer['s']:.2f} s ({data_bytes / peer['s'] / MiB:.0f} MiB/s, "
+            line = [f"round {r} (load {rec['load']:.1f}): nbdcopy {peer['s']:.2f} s "
+                    f"({data_bytes / peer['s'] / MiB:.0f} MiB/s, "
                     f"CPU {peer['cpu']:.2f}+{peer['server_cpu']:.2f} s)"]
-            for algo in ("sha256", "crc32"):
+            for algo in ours_variants:
                 ours = rec[algo]
                 ours["ratio"] = peer["s"] / ours["s"]
                 ours["cpu_ratio"] = (peer["cpu"] + peer["server_cpu"]) / (ours["cpu"] + ours["server_cpu"])
@@ -185,7 +195,7 @@ def main() -> None:
         inc_records: list[dict[str, Any]] = []
         for r in range(args.rounds):
             written = trio.run(dirty, f"{nbd}/live", args.size, 0.01, r)
-            rec = {"round": r, "dirty_written": written}
+            rec = {"round": r, "dirty_written": written, "load": os.getloadavg()[0]}
             order = ["inc", "readall"] if r % 2 == 0 else ["readall", "inc"]
             for what in order:
                 if what == "inc":
@@ -219,11 +229,21 @@ def main() -> None:
         "size": args.size, "data_bytes": data_bytes, "rounds": args.rounds, "versions": versions,
         "full": records, "incremental": inc_records,
         "nbdcopy_mib_s_median": statistics.median(data_bytes / r["nbdcopy"]["s"] / MiB for r in records),
+        "nbdcopy_cpu_median": statistics.median(r["nbdcopy"]["cpu"] + r["nbdcopy"]["server_cpu"]
+                                                for r in records),
+        **{f"full_{algo}_cpu_median": statistics.median(r[algo]["cpu"] + r[algo]["server_cpu"]
+                                                        for r in records)
+           for algo in ours_variants},
+        **{f"full_{algo}_agent_cpu_median": statistics.median(r[algo]["cpu"] for r in records)
+           for algo in ours_variants},
         **{f"full_{algo}_{key}_median": statistics.median(r[algo][key] for r in records)
-           for algo in ("sha256", "crc32") for key in ("ratio", "cpu_ratio")},
+           for algo in ours_variants for key in ("ratio", "cpu_ratio")},
         **{f"full_{algo}_mib_s_median": statistics.median(r[algo]["read"] / r[algo]["s"] / MiB
                                                           for r in records)
-           for algo in ("sha256", "crc32")},
+           for algo in ours_variants},
+        **{f"full_{algo}_ratio_{name}": fn(r[algo]["ratio"] for r in records)
+           for algo in ours_variants for name, fn in (("min", min), ("max", max))},
+        "load_median": statistics.median(r["load"] for r in records + inc_records),
         "inc_ratio_median": statistics.median(r["ratio"] for r in inc_records),
         "inc_read_over_dirty_max": max(r["read_over_dirty"] for r in inc_records),
         "inc_s_median": statistics.median(r["inc_s"] for r in inc_records),

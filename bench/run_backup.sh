@@ -11,23 +11,27 @@
 # Usage: bench/run_backup.sh
 #
 # Environment overrides:
-#   RUNS              rounds (default 3; order rotates every round)
+#   RUNS              rounds (default 5; order rotates every round)
 #   SIZE              disk size in bytes (default 4 GiB; halved until it fits the
 #                     free space of TMPBASE, and the run says so)
 #   OUT               results folder (default <repo>/bench/results)
 #   TMPBASE           where the scratch folder is made (default /dev/shm)
 #   NBDFLEECE_PYTHON  interpreter with nbdfleece installed (default <repo>/.venv/bin/python)
+#   AB                a git revision: its nbdfleece_backup (git archive into the scratch
+#                     folder) joins the full-backup rounds as 'sha256-ab' (A/B in the same
+#                     rounds; the server and the rest of nbdfleece are this checkout's)
 #
 # Output: $OUT/backup-<stamp>.json (every round and the medians) and .log.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
-RUNS=${RUNS:-3}
+RUNS=${RUNS:-5}
 OUT=${OUT:-"$repo/bench/results"}
 TMPBASE=${TMPBASE:-/dev/shm}
 SIZE=${SIZE:-$((4 << 30))}
 NBDFLEECE_PYTHON=${NBDFLEECE_PYTHON:-"$repo/.venv/bin/python"}
+AB=${AB:-}
 
 command -v nbdcopy >/dev/null || { echo "missing: nbdcopy" >&2; exit 1; }
 [ -x "$NBDFLEECE_PYTHON" ] || { echo "missing: $NBDFLEECE_PYTHON" >&2; exit 1; }
@@ -51,7 +55,14 @@ trap 'rm -rf "$scratch"' EXIT
     echo "disk $((SIZE >> 20)) MiB on $TMPBASE, $RUNS rounds"
     nbdcopy --version | sed -n 1p
     cd "$repo"
+    ab=()
+    if [ -n "$AB" ]; then
+        mkdir "$scratch/ab"
+        git -C "$repo" archive "$AB" tools/nbdfleece_backup | tar -x -C "$scratch/ab"
+        echo "A/B: sha256-ab is nbdfleece_backup of $AB ($(git -C "$repo" rev-parse --short "$AB"))"
+        ab=(--ab "$scratch/ab/tools")
+    fi
     "$NBDFLEECE_PYTHON" "$here/backup_bench.py" --scratch "$scratch" --size "$SIZE" --rounds "$RUNS" \
-        --out "$OUT/backup-$stamp.json" --python "$NBDFLEECE_PYTHON"
+        --out "$OUT/backup-$stamp.json" --python "$NBDFLEECE_PYTHON" "${ab[@]}"
     echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 } 2>&1 | tee "$OUT/backup-$stamp.log"

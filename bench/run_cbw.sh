@@ -14,9 +14,19 @@
 # (clusters already copied), W1a.  Target: our overhead ratio
 # ours-cbw/ours-plain on the first W2 no worse than qsd-cbw/qsd-plain.
 #
+# Second phase (random): the same four servers, started the same way (the
+# driver imports peer_bench.py's Server class), fresh server and image copy per
+# round, rotating order; bench/nbd_randwrite.py writes 64 KiB at QD16 at
+# 64 KiB-aligned offsets in a seeded random permutation of all clusters, so
+# every write is a first write (R64), then a second permutation over copied
+# clusters (R64#2).  Afterwards a few clusters are spot-checked (live export:
+# the pattern; snapshot exports snap / bench-fleece: the original image).
+# Target: ours-cbw/ours-plain on R64 no worse than qsd-cbw/qsd-plain.
+#
 # Usage: bench/run_cbw.sh
 #
 # Environment overrides:
+#   PHASES            seq,random (default), or one of them
 #   RUNS              rounds (default 5)
 #   OUT               results folder (default <repo>/bench/results)
 #   TMPBASE           where the scratch folder is made (default /dev/shm)
@@ -29,12 +39,14 @@
 # Output: $OUT/cbw-<stamp>.md (table, then bench/cbw_summary.py's paired
 # first-pass ratios and server CPU seconds per GiB), .json (per-run records),
 # .log (harness output, then each server's log: the ours-cbw logs show the
-# snapshot list of every round).
+# snapshot list of every round); the random phase writes
+# cbw-<stamp>-random.md/.json the same way and logs into the same .log.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 
+PHASES=${PHASES:-seq,random}
 RUNS=${RUNS:-5}
 OUT=${OUT:-"$repo/bench/results"}
 TMPBASE=${TMPBASE:-/dev/shm}
@@ -51,6 +63,9 @@ done
 [ -x "$NBDFLEECE_PYTHON" ] || { echo "missing: $NBDFLEECE_PYTHON" >&2; fail=1; }
 [ -f "$SHARED_BENCH/peer_bench.sh" ] || { echo "missing: $SHARED_BENCH/peer_bench.sh (set SHARED_BENCH)" >&2; fail=1; }
 "$PEER_BENCH_PYTHON" -c 'import nbd' 2>/dev/null || { echo "$PEER_BENCH_PYTHON has no nbd module" >&2; fail=1; }
+for phase in ${PHASES//,/ }; do
+    case $phase in seq|random) ;; *) echo "PHASES: unknown phase '$phase' (seq, random)" >&2; fail=1 ;; esac
+done
 [ "$fail" = 0 ] || exit 1
 
 mkdir -p "$OUT"
@@ -119,27 +134,50 @@ echo "image: $SIZE of random data in $scratch" >&2
 head -c "$SIZE" /dev/urandom >"$scratch/disk.raw"
 mkdir "$scratch/rounds"
 
+# The four servers, as peer_bench.py templates (both phases use these).
+servers=(
+    --server 'ours-plain={env[NBDFLEECE_PYTHON]} -m nbdfleece serve --listen 127.0.0.1:{port} --export {export}={image} --log-level warning'
+    --server "ours-cbw=bash $wrap {env[NBDFLEECE_PYTHON]} {dir} {export} {image} {port}"
+    --server 'qsd-plain={python} {bench}/qsd_cbw.py --mode plain --image {image} --port {port} --export {export} --dir {dir} --qmp-log {dir}/qmp.log'
+    --server 'qsd-cbw={python} {bench}/qsd_cbw.py --mode cbw --image {image} --port {port} --export {export} --dir {dir} --qmp-log {dir}/qmp.log'
+)
+
 cd "$repo"   # so that -m nbdfleece finds this checkout even without an install
+rc=0
+: >"$base.log"
 set +e
-"$SHARED_BENCH/peer_bench.sh" --restart --image "$scratch/disk.raw" --workdir "$scratch/rounds" \
-    --runs "$RUNS" --workloads W2,W2,W1a \
-    --title "copy-before-write cost (issue 4), $SIZE random raw image" \
-    --json-out "$base.json" --md-out "$base.md" \
-    --server 'ours-plain={env[NBDFLEECE_PYTHON]} -m nbdfleece serve --listen 127.0.0.1:{port} --export {export}={image} --log-level warning' \
-    --server "ours-cbw=bash $wrap {env[NBDFLEECE_PYTHON]} {dir} {export} {image} {port}" \
-    --server 'qsd-plain={python} {bench}/qsd_cbw.py --mode plain --image {image} --port {port} --export {export} --dir {dir} --qmp-log {dir}/qmp.log' \
-    --server 'qsd-cbw={python} {bench}/qsd_cbw.py --mode cbw --image {image} --port {port} --export {export} --dir {dir} --qmp-log {dir}/qmp.log' \
-    2>&1 | tee "$base.log"
-rc=${PIPESTATUS[0]}
-set -e
-if [ -f "$base.json" ]; then
-    { echo; "$PEER_BENCH_PYTHON" "$here/cbw_summary.py" "$base.json"; } | tee -a "$base.md"
+if [[ ,$PHASES, == *,seq,* ]]; then
+    "$SHARED_BENCH/peer_bench.sh" --restart --image "$scratch/disk.raw" --workdir "$scratch/rounds" \
+        --runs "$RUNS" --workloads W2,W2,W1a \
+        --title "copy-before-write cost (issue 4), $SIZE random raw image" \
+        --json-out "$base.json" --md-out "$base.md" \
+        "${servers[@]}" \
+        2>&1 | tee -a "$base.log"
+    rc=${PIPESTATUS[0]}
+    if [ -f "$base.json" ]; then
+        { echo; "$PEER_BENCH_PYTHON" "$here/cbw_summary.py" "$base.json"; } | tee -a "$base.md"
+    fi
 fi
-for d in "$scratch"/rounds/srv*; do
+if [[ ,$PHASES, == *,random,* ]]; then
+    "$PEER_BENCH_PYTHON" "$here/nbd_randwrite.py" rounds --image "$scratch/disk.raw" \
+        --workdir "$scratch/random" --shared-bench "$SHARED_BENCH" --runs "$RUNS" \
+        --title "copy-before-write cost (issue 4), random 64 KiB first writes, $SIZE random raw image" \
+        --json-out "$base-random.json" --md-out "$base-random.md" \
+        --check ours-cbw=snap --check qsd-cbw=bench-fleece \
+        "${servers[@]}" \
+        2>&1 | tee -a "$base.log"
+    rrc=${PIPESTATUS[0]}
+    [ "$rc" != 0 ] || rc=$rrc
+    if [ -f "$base-random.json" ]; then
+        { echo; "$PEER_BENCH_PYTHON" "$here/cbw_summary.py" "$base-random.json"; } | tee -a "$base-random.md"
+    fi
+fi
+set -e
+for d in "$scratch"/rounds/srv* "$scratch"/random/srv*; do
     [ -f "$d/server.log" ] || continue
-    printf '\n== %s/server.log\n' "$(basename "$d")"
+    printf '\n== %s/%s/server.log\n' "$(basename "$(dirname "$d")")" "$(basename "$d")"
     cat "$d/server.log"
     ls -l "$d" | grep -v 'disk.img' || true
 done >>"$base.log"
-echo "results: $base.md $base.json $base.log (harness exit $rc)" >&2
+echo "results: $(ls "$base"*.md "$base"*.json "$base.log" 2>/dev/null | tr '\n' ' ')(exit $rc)" >&2
 exit "$rc"

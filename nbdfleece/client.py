@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import trio
 
+from nbdfleece.buffers import BufferPool
 from nbdfleece.client_protocol import (
     NEED_DATA,
     ClientHandshake,
@@ -66,6 +67,8 @@ DEFAULT_PORT = 10809
 DEFAULT_MAX_IN_FLIGHT = 64
 MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024
 """Payload bytes (READ buffers and WRITE data) outstanding per connection."""
+READ_BUFFER_CACHE = 64 * 1024 * 1024
+"""Bytes of pooled read buffers kept per connection."""
 RECV_BUFFER = 256 * 1024
 IOV_MAX = 1024
 DISCONNECT_TIMEOUT = 5.0
@@ -327,28 +330,6 @@ class _Budget:
         self._lot.unpark_all()
 
 
-class _BufferPool:
-    """Reusable read buffers by power-of-two size class, at most ``max_bytes`` kept."""
-
-    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
-        self._free: dict[int, list[bytearray]] = {}
-        self._kept = 0
-        self._max_bytes = max_bytes
-
-    def get(self, n: int) -> bytearray:
-        size = max(4096, 1 << max(n - 1, 0).bit_length())
-        free = self._free.get(size)
-        if free:
-            self._kept -= size
-            return free.pop()
-        return bytearray(size)
-
-    def put(self, buf: bytearray) -> None:
-        if self._kept + len(buf) <= self._max_bytes:
-            self._free.setdefault(len(buf), []).append(buf)
-            self._kept += len(buf)
-
-
 @dataclass(eq=False)
 class _Waiter:
     done: trio.Event
@@ -375,7 +356,7 @@ class NbdClient:
         self._address = address
         self._slots = trio.Semaphore(max_in_flight)
         self._budget = _Budget(MAX_IN_FLIGHT_BYTES)
-        self._pool = _BufferPool()
+        self._pool = BufferPool(READ_BUFFER_CACHE)
         self._send_lock = trio.Lock()
         self._waiters: dict[int, _Waiter] = {}
         self._failure: NbdConnectionError | None = None
@@ -455,16 +436,13 @@ class NbdClient:
     async def pwrite(self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False) -> None:
         view = memoryview(data).cast("B")
         self._check_length(len(view), payload=True)
-        flags = self._flag(CmdFlag.FUA, TransmissionFlag.SEND_FUA, "FUA") if fua else 0
-        await self._request(Cmd.WRITE, offset, len(view), flags, payload=view, nbytes=len(view))
+        await self._request(Cmd.WRITE, offset, len(view), self._fua(fua), payload=view, nbytes=len(view))
 
     async def write_zeroes(self, offset: int, length: int, *, fua: bool = False, no_hole: bool = False,
                            fast: bool = False) -> None:
         self._command_allowed(TransmissionFlag.SEND_WRITE_ZEROES, "NBD_CMD_WRITE_ZEROES")
         self._check_length(length)
-        flags = int(CmdFlag.NO_HOLE) if no_hole else 0
-        if fua:
-            flags |= self._flag(CmdFlag.FUA, TransmissionFlag.SEND_FUA, "FUA")
+        flags = (int(CmdFlag.NO_HOLE) if no_hole else 0) | self._fua(fua)
         if fast:
             flags |= self._flag(CmdFlag.FAST_ZERO, TransmissionFlag.SEND_FAST_ZERO, "FAST_ZERO")
         await self._request(Cmd.WRITE_ZEROES, offset, length, flags)
@@ -472,8 +450,7 @@ class NbdClient:
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         self._command_allowed(TransmissionFlag.SEND_TRIM, "NBD_CMD_TRIM")
         self._check_length(length)
-        flags = self._flag(CmdFlag.FUA, TransmissionFlag.SEND_FUA, "FUA") if fua else 0
-        await self._request(Cmd.TRIM, offset, length, flags)
+        await self._request(Cmd.TRIM, offset, length, self._fua(fua))
 
     async def flush(self) -> None:
         self._command_allowed(TransmissionFlag.SEND_FLUSH, "NBD_CMD_FLUSH", modifies=False)
@@ -546,6 +523,10 @@ class NbdClient:
         if not self.flags & needs:
             raise NbdError(Errno.ENOTSUP, f"the server does not support {name} on this export")
         return int(flag)
+
+    def _fua(self, fua: bool) -> int:
+        """The FUA command flag when asked for (ENOTSUP where the export lacks it)."""
+        return self._flag(CmdFlag.FUA, TransmissionFlag.SEND_FUA, "FUA") if fua else 0
 
     def _command_allowed(self, needs: TransmissionFlag, name: str, *, modifies: bool = True) -> None:
         if self.flags & needs:

@@ -283,6 +283,7 @@ class Daemon:
         target = FileStore(f"{name}-overlay", overlay)
         # ---- from here on, no await: the snapshot instant --------------------------
         cbw = self._new_cbw(base, f"{name}-cbw", target, on_cbw_error)
+        cbw.target_ready = self.journal.synced_event()
         base.top.child = cbw
         view = SnapshotView(name, cbw)
         node = GraphNode(f"snapshot-{name}", "snapshot-access", DirtyTracking(name, view))
@@ -367,6 +368,7 @@ class Daemon:
         image = target.image()
         if image is not None:
             self.journal.record(f"cbw:{name}", "copy-before-write node", name, image.path)
+            cbw.target_ready = self.journal.synced_event()
         file.users += 1
         target.users += 1
         self.graph.nodes[name] = node
@@ -764,6 +766,7 @@ class Daemon:
         if image is not None:
             kind = "backup job" if job.push else "fleecing job"
             self.journal.record(f"job:{job.id}", kind, job.id, image.path)
+            job.cbw.target_ready = self.journal.synced_event()  # nothing copied before that
 
     def _journal_job_done(self, job: BackupJob, error: OSError | None) -> None:
         self.journal.forget(f"job:{job.id}", completed_full=error is None and job.sync == "full")
@@ -809,4 +812,4 @@ class Daemon:
         for name in list(self.snapshots):
             await self.delete_snapshot(name)
         await self.graph.close()
-        self.journal.close()
+        await self.journal.aclose()

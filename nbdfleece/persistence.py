@@ -14,17 +14,17 @@ the exact contents.  Finding it true on open means the last server died
 without a clean shutdown, so every bitmap in the file comes back
 inconsistent: never used for an incremental backup, only removable.
 
-Every write is new file, fsync, rename over, fsync of the folder.
+Every write is new file, fsync, rename over, fsync of the folder (``durable.py``).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 
 from nbdfleece.bitmap import DirtyBitmap
+from nbdfleece.durable import remove_durably, write_atomic
 
 FORMAT = "nbdfleece-bitmaps"
 VERSION = 1
@@ -78,8 +78,7 @@ def save(image: str, size: int, bitmaps: list[DirtyBitmap], *, in_use: bool) -> 
     path = sidecar_path(image)
     persistent = [b for b in bitmaps if b.persistent]
     if not persistent:
-        path.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        remove_durably(path)
         return
     doc = {
         "format": FORMAT,
@@ -97,18 +96,4 @@ def save(image: str, size: int, bitmaps: list[DirtyBitmap], *, in_use: bool) -> 
             for b in persistent
         ],
     }
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, json.dumps(doc).encode())

@@ -15,11 +15,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -63,6 +65,10 @@ class ServerProcess:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def wait_listening(self, path: Path, timeout: float = 15) -> None:
+        """Wait until this server accepts connections on Unix socket ``path`` (a QMP monitor)."""
+        wait_listening(path, self.proc, log=self.log_path, timeout=timeout)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if not self._stopped:
@@ -115,15 +121,44 @@ def start_server(
         )
     lsock.close()
     server = ServerProcess(proc, port, unix_path, log_path, workdir)
-    deadline = time.monotonic() + 15
-    while not unix_path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{server.log()}")
-        if time.monotonic() > deadline:
+    try:
+        server.wait_listening(unix_path)
+    except AssertionError:
+        if proc.poll() is None:
             proc.kill()
-            raise AssertionError(f"server did not start:\n{server.log()}")
-        time.sleep(0.02)
+            proc.wait()
+        raise
     return server
+
+
+def unix_listening(path: Path) -> bool:
+    """Whether Unix socket ``path`` accepts a connection now."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def wait_listening(path: Path, proc: subprocess.Popen[bytes] | None = None, *,
+                   log: Path | None = None, timeout: float = 15) -> None:
+    """Wait until Unix socket ``path`` accepts a connection.
+
+    The socket file appears at bind(), before listen(): a connect in between is
+    refused, so the file existing is not enough.  Fails (with ``log``, when given)
+    if ``proc`` exits or ``timeout`` seconds pass.
+    """
+    def output() -> str:
+        return log.read_text(errors="replace") if log is not None and log.exists() else ""
+
+    deadline = time.monotonic() + timeout
+    while not unix_listening(path):
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{proc.args!r} exited with {proc.returncode}:\n{output()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not accept connections within {timeout}s:\n{output()}")
+        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -164,6 +199,20 @@ def live_server(server_factory: object, tmp_path: Path) -> ServerProcess:
         "--export", f"live={tmp_path / 'live.raw'},description=live disk",
         "--export", f"snap={tmp_path / 'snap.raw'},readonly",
     )
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short folder for Unix sockets (their paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="nbdfleece", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def libnbd() -> ModuleType:
+    """libnbd's Python binding (Debian's python3-libnbd), or skip."""
+    nbd: ModuleType = pytest.importorskip("nbd")
+    return nbd
 
 
 def require(*tools: str) -> None:
@@ -208,11 +257,7 @@ def qmp_only_server(workdir: Path) -> Iterator[Path]:
     server = subprocess.Popen([PYTHON, "-m", "nbdfleece", "serve", "--qmp", f"unix:{sock}"],
                               stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
     try:
-        deadline = time.monotonic() + 15
-        while not sock.exists():
-            assert server.poll() is None, (workdir / "server.log").read_text()
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_listening(sock, server, log=workdir / "server.log")
         yield sock
     finally:
         server.terminate()

@@ -75,6 +75,7 @@ from nbdfleece.bitmap import DirtyBitmap
 from nbdfleece.block.file import FileStore, copy_failed, copy_side
 from nbdfleece.block.node import BlockNode, Extent, Layer, Segment
 from nbdfleece.block.tracking import InFlight
+from nbdfleece.buffers import BufferPool
 from nbdfleece.constants import AllocationState, Errno
 from nbdfleece.errors import RequestError
 
@@ -86,31 +87,7 @@ DEFAULT_CLUSTER = 64 * 1024
 BUFFER_CACHE = 64 << 20
 """Bytes of copy buffers kept for reuse."""
 
-
-class CopyBuffers:
-    """Reusable copy buffers by power-of-two size (a fresh ``bytearray`` per copy
-    costs zeroing, page faults and malloc trimming)."""
-
-    def __init__(self, max_cached: int = BUFFER_CACHE) -> None:
-        self._free: dict[int, list[bytearray]] = {}
-        self._cached = 0
-        self._max = max_cached
-
-    def get(self, n: int) -> bytearray:
-        size = 1 << max(n - 1, 0).bit_length()
-        free = self._free.get(size)
-        if free:
-            self._cached -= size
-            return free.pop()
-        return bytearray(size)
-
-    def put(self, buf: bytearray) -> None:
-        if self._cached + len(buf) <= self._max:
-            self._free.setdefault(len(buf), []).append(buf)
-            self._cached += len(buf)
-
-
-_buffers = CopyBuffers()
+_buffers = BufferPool(BUFFER_CACHE)
 
 
 class RangeLocks:
@@ -235,6 +212,19 @@ class CopyBeforeWrite(Layer):
         self.copy_op = "write"
         """The side of the last failed copy (``read`` or ``write``), for error reports."""
         self._pre = list(pre_inflight)
+        self.target_ready: trio.Event | None = None
+        """Set by the owner when the target may not be written yet (the daemon: until its
+        crash-recovery journal entry is durable, ``recovery.py``); copies wait for it."""
+
+    def _target_open(self) -> bool:
+        """Whether copies may write to the target now."""
+        ready = self.target_ready
+        if ready is None:
+            return True
+        if ready.is_set():
+            self.target_ready = None
+            return True
+        return False
 
     # -- helpers --------------------------------------------------------------
     def _span(self, offset: int, length: int) -> tuple[int, int]:
@@ -286,7 +276,10 @@ class CopyBeforeWrite(Layer):
         """Copy the pending clusters of ``[first, last]`` without waiting, or
         return False (some may be copied): the async path does the rest."""
         src, dst = self.child, self.target
-        for lo, hi in self._pending_runs(first, last):
+        runs = self._pending_runs(first, last)
+        if runs and not self._target_open():
+            return False
+        for lo, hi in runs:
             start, end = self._bytes(lo, hi)
             try:
                 if isinstance(src, FileStore) and isinstance(dst, FileStore):
@@ -312,6 +305,9 @@ class CopyBeforeWrite(Layer):
         failure, with ``copy_op`` set to the side that failed.
         """
         src, dst = self.child, self.target
+        if not self._target_open() and self.pending[first : last + 1].any():
+            assert self.target_ready is not None
+            await self.target_ready.wait()
         for lo, hi in self._pending_runs(first, last):
             start, end = self._bytes(lo, hi)
             try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno as _errno
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -48,6 +49,10 @@ class _Holder:
     closed: trio.Event
     client: NbdClient | None = None
     error: BaseException | None = None
+
+
+_Send = Callable[[int, int, bool], Awaitable[None]]
+"""Sends one piece: ``(offset, length, fua)``."""
 
 
 def _os_error(exc: NbdError) -> OSError:
@@ -145,60 +150,57 @@ class NbdNode(BlockNode):
         return f"{scheme}://{host}:{address.port}/{address.export}"
 
     # -- data ----------------------------------------------------------------
-    def _pieces(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
-        return [(pos, min(limit, offset + length - pos)) for pos in range(offset, offset + length, limit)]
-
-    async def read(self, offset: int, buf: memoryview, *, sparse: bool = False) -> list[Segment]:
-        try:
-            for pos, n in self._pieces(offset, len(buf), self._max_data):
-                start = pos - offset
-                await self.client.pread_into(pos, buf[start : start + n])
-        except NbdError as exc:
-            raise _os_error(exc) from None
-        return [Segment(0, len(buf), False)]
-
-    async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
+    async def _each_piece(self, offset: int, length: int, limit: int, send: _Send, *,
+                          fua: bool = False) -> None:
+        """``send(pos, n, fua)`` for each piece of at most ``limit`` bytes of the range, in
+        order; an error reply becomes an ``OSError``, and FUA the server lacks becomes a
+        flush after the last piece."""
         native_fua = fua and self.client.can(TransmissionFlag.SEND_FUA)
         try:
-            for pos, n in self._pieces(offset, len(data), self._max_data):
-                start = pos - offset
-                await self.client.pwrite(pos, data[start : start + n], fua=native_fua)
+            for pos in range(offset, offset + length, limit):
+                await send(pos, min(limit, offset + length - pos), native_fua)
         except NbdError as exc:
             raise _os_error(exc) from None
         if fua and not native_fua:
             await self.flush()
+
+    async def read(self, offset: int, buf: memoryview, *, sparse: bool = False) -> list[Segment]:
+        async def send(pos: int, n: int, fua: bool) -> None:
+            await self.client.pread_into(pos, buf[pos - offset : pos - offset + n])
+
+        await self._each_piece(offset, len(buf), self._max_data, send)
+        return [Segment(0, len(buf), False)]
+
+    async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
+        async def send(pos: int, n: int, fua: bool) -> None:
+            await self.client.pwrite(pos, data[pos - offset : pos - offset + n], fua=fua)
+
+        await self._each_piece(offset, len(data), self._max_data, send, fua=fua)
 
     async def write_zeroes(
         self, offset: int, length: int, *, may_trim: bool, fua: bool = False, fast: bool = False
     ) -> None:
-        client = self.client
-        if not client.can(TransmissionFlag.SEND_WRITE_ZEROES) or (fast and not self.can_fast_zero):
+        if not self.client.can(TransmissionFlag.SEND_WRITE_ZEROES) or (fast and not self.can_fast_zero):
             if fast:
                 raise OSError(_errno.EOPNOTSUPP, "the NBD server cannot zero fast")
             zeroes = memoryview(bytes(min(ZERO_CHUNK, length)))
-            for pos, n in self._pieces(offset, length, ZERO_CHUNK):
-                await self.write(pos, zeroes[:n], fua=fua)
+            for pos in range(offset, offset + length, ZERO_CHUNK):
+                await self.write(pos, zeroes[: min(ZERO_CHUNK, offset + length - pos)], fua=fua)
             return
-        native_fua = fua and client.can(TransmissionFlag.SEND_FUA)
-        try:
-            for pos, n in self._pieces(offset, length, self._max_length):
-                await client.write_zeroes(pos, n, fua=native_fua, no_hole=not may_trim, fast=fast)
-        except NbdError as exc:
-            raise _os_error(exc) from None
-        if fua and not native_fua:
-            await self.flush()
+
+        async def send(pos: int, n: int, fua: bool) -> None:
+            await self.client.write_zeroes(pos, n, fua=fua, no_hole=not may_trim, fast=fast)
+
+        await self._each_piece(offset, length, self._max_length, send, fua=fua)
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
         if not self.client.can(TransmissionFlag.SEND_TRIM):
             return  # advisory: doing nothing is a valid trim
-        native_fua = fua and self.client.can(TransmissionFlag.SEND_FUA)
-        try:
-            for pos, n in self._pieces(offset, length, self._max_length):
-                await self.client.trim(pos, n, fua=native_fua)
-        except NbdError as exc:
-            raise _os_error(exc) from None
-        if fua and not native_fua:
-            await self.flush()
+
+        async def send(pos: int, n: int, fua: bool) -> None:
+            await self.client.trim(pos, n, fua=fua)
+
+        await self._each_piece(offset, length, self._max_length, send, fua=fua)
 
     async def flush(self) -> None:
         if not self.client.can(TransmissionFlag.SEND_FLUSH):
@@ -211,11 +213,11 @@ class NbdNode(BlockNode):
     async def cache(self, offset: int, length: int) -> None:
         if not self.client.can(TransmissionFlag.SEND_CACHE):
             return
-        try:
-            for pos, n in self._pieces(offset, length, self._max_length):
-                await self.client.cache(pos, n)
-        except NbdError as exc:
-            raise _os_error(exc) from None
+
+        async def send(pos: int, n: int, fua: bool) -> None:
+            await self.client.cache(pos, n)
+
+        await self._each_piece(offset, length, self._max_length, send)
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         if BASE_ALLOCATION not in self.client.contexts:

@@ -268,13 +268,14 @@ def _unwrap(node: BlockNode) -> BlockNode:
 # -- cluster range locks -------------------------------------------------------
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _LockState:
     shared: int = 0
     exclusive: bool = False
     waiters: int = 0
     exclusive_waiting: int = 0
-    changed: trio.Event = field(default_factory=trio.Event)
+    changed: trio.Event | None = None
+    """Made by the first waiter: an uncontended cluster never builds one."""
 
 
 class ClusterLocks:
@@ -289,14 +290,21 @@ class ClusterLocks:
 
     @asynccontextmanager
     async def hold(self, first: int, last: int, *, exclusive: bool) -> AsyncIterator[None]:
-        held: list[int] = []
+        held = first
+        """Clusters ``first .. held-1`` are held."""
+        states = self._states
         try:
             for cluster in range(first, last + 1):
-                await self._acquire(cluster, exclusive)
-                held.append(cluster)
+                # Fast path, no coroutine: a cluster nobody holds or waits for
+                # (every cluster of a large write into a fresh image).
+                if cluster not in states:
+                    states[cluster] = _LockState(shared=0 if exclusive else 1, exclusive=exclusive)
+                else:
+                    await self._acquire(cluster, exclusive)
+                held = cluster + 1
             yield
         finally:
-            for cluster in held:
+            for cluster in range(first, held):
                 self._release(cluster, exclusive)
 
     def busy(self) -> int:
@@ -316,6 +324,8 @@ class ClusterLocks:
                 st.shared += 1
                 return
             st.waiters += 1
+            if st.changed is None:
+                st.changed = trio.Event()
             try:
                 await st.changed.wait()
             finally:
@@ -330,8 +340,8 @@ class ClusterLocks:
             st.exclusive = False
         else:
             st.shared -= 1
-        if st.shared == 0 and not st.exclusive:
-            event, st.changed = st.changed, trio.Event()
+        if st.shared == 0 and not st.exclusive and st.changed is not None:
+            event, st.changed = st.changed, None
             event.set()
         self._maybe_drop(cluster, st)
 
@@ -1021,11 +1031,13 @@ class Qcow2Node(BlockNode):
             return
         first, count = self._range(offset, len(data))
         last = first + count - 1
-        async with self._locks.hold(first, last, exclusive=False):
-            entries = await self._entries(first, count)
-            mapped = _all_mapped(entries)
-            if mapped:
-                await self._write_mapped(offset, data, first, entries)
+        mapped = False
+        if not self._surely_unallocated(first):
+            async with self._locks.hold(first, last, exclusive=False):
+                entries = await self._entries(first, count)
+                mapped = _all_mapped(entries)
+                if mapped:
+                    await self._write_mapped(offset, data, first, entries)
         if not mapped:
             async with self._locks.hold(first, last, exclusive=True):
                 entries = await self._entries(first, count)
@@ -1033,6 +1045,16 @@ class Qcow2Node(BlockNode):
                     await self._write_allocating(offset, data, first, entries)
         if fua:
             await self.flush()
+
+    def _surely_unallocated(self, first: int) -> bool:
+        """Cluster ``first`` is unallocated by what is in memory (no L2 table, or a zero entry
+        in a cached one): the write allocates, so it may take the exclusive lock right away
+        instead of a shared one first.  Only a hint: the exclusive path reads the entries again."""
+        offset = int(self._l1[first >> self._l2_bits]) & L1E_OFFSET_MASK
+        if not offset:
+            return True
+        table = self._l2_cache.get(offset)
+        return table is not None and not int(table[first & (self._l2_entries - 1)])
 
     async def _write_mapped(self, offset: int, data: memoryview, first: int, entries: U64) -> None:
         """Write into clusters that are all allocated (and ours alone)."""
@@ -1046,6 +1068,9 @@ class Qcow2Node(BlockNode):
     async def _write_allocating(self, offset: int, data: memoryview, first: int, entries: U64) -> None:
         """Write with copy-on-write into new clusters where needed, then link them."""
         cs, end = self._cs, offset + len(data)
+        if not offset % cs and not len(data) % cs and not entries.any():
+            await self._write_fresh(data, first, len(entries))
+            return
         kinds = _classify(entries)
         if np.any(kinds == COMPRESSED):
             raise self._compressed_error()
@@ -1089,6 +1114,28 @@ class Qcow2Node(BlockNode):
             raise
         async with self._meta:
             await self._update_l2_locked(updates)
+
+    async def _write_fresh(self, data: memoryview, first: int, count: int) -> None:
+        """``_write_allocating`` of whole clusters that are all unallocated (a large write into
+        a new image): each run of consecutive new host clusters in one pwrite straight from
+        ``data``, then all the L2 entries (one pwrite per L2 table)."""
+        cs = self._cs
+        async with self._meta:
+            new = await self._alloc_locked(count)
+        try:
+            i = 0
+            while i < count:
+                j = i + 1
+                while j < count and new[j] == new[j - 1] + cs:
+                    j += 1
+                await self._write_file(new[i], data[i * cs : j * cs])
+                i = j
+        except BaseException:
+            async with self._meta:
+                self._unalloc(new)
+            raise
+        async with self._meta:
+            await self._update_l2_locked([(first + i, host | OFLAG_COPIED) for i, host in enumerate(new)])
 
     async def _write_pieces(self, pieces: list[tuple[int, memoryview, int]], data: memoryview) -> None:
         """Write (host offset, bytes, offset in ``data``) pieces, joining runs that are

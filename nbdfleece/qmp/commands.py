@@ -41,7 +41,7 @@ from nbdfleece.block.faults import (
 )
 from nbdfleece.block.nbd import NbdNode
 from nbdfleece.client import NbdAddress, NbdConnectionError
-from nbdfleece.daemon import Daemon
+from nbdfleece.daemon import BackupJob, Daemon
 from nbdfleece.errors import ConfigError
 from nbdfleece.graph import ControlError, GraphNode, Undo
 from nbdfleece.qmp.protocol import CAPABILITIES_ARGS, version_info
@@ -137,9 +137,11 @@ async def execute(daemon: Daemon, name: str, arguments: Args) -> Any:
         raise QmpError(f"The command {name} has not been found", "CommandNotFound")
     args = check_arguments(cmd.arguments, arguments)
     try:
-        return await cmd.handler(daemon, args)
+        result = await cmd.handler(daemon, args)
     except ControlError as exc:
         raise QmpError(exc.desc, exc.error_class) from None
+    await daemon.journal.sync()  # what the command started is journaled before it replies
+    return result
 
 
 def id_wellformed(name: str) -> bool:
@@ -855,64 +857,38 @@ async def query_jobs(daemon: Daemon, args: Args) -> Any:
 
 # QEMU's job verbs, by job id (job-*) and by device (block-job-*: "Block job 'x' not found").
 
-@command("job-cancel", {"id": STR})
-async def job_cancel(daemon: Daemon, args: Args) -> None:
-    daemon.cancel_job(daemon.find_job(args["id"], block=False))
+JobVerb = Callable[[Daemon, BackupJob], None]
+JobCheck = Callable[[BackupJob, Args], None]
 
 
-@command("block-job-cancel", {"device": STR, "*force": BOOL})
-async def block_job_cancel(daemon: Daemon, args: Args) -> None:
-    job = daemon.find_job(args["device"], block=True)
+def _refuse_paused_unless_forced(job: BackupJob, args: Args) -> None:
+    """``block-job-cancel`` of a paused job needs ``force`` (QEMU's text)."""
     if job.user_paused and not args.get("force", False):
         raise QmpError(f"The block job for device '{args['device']}' is currently paused")
-    daemon.cancel_job(job)
 
 
-@command("job-pause", {"id": STR})
-async def job_pause(daemon: Daemon, args: Args) -> None:
-    daemon.pause_job(daemon.find_job(args["id"], block=False))
+def job_verb(name: str, key: str, run: JobVerb, *, block: bool,
+             members: Mapping[str, Type] | None = None, check: JobCheck | None = None) -> None:
+    """Register command ``name``: find the job named by member ``key``, check, run the verb."""
+    async def handler(daemon: Daemon, args: Args) -> None:
+        job = daemon.find_job(args[key], block=block)
+        if check is not None:
+            check(job, args)
+        run(daemon, job)
+
+    command(name, {key: STR, **(members or {})})(handler)
 
 
-@command("block-job-pause", {"device": STR})
-async def block_job_pause(daemon: Daemon, args: Args) -> None:
-    daemon.pause_job(daemon.find_job(args["device"], block=True))
-
-
-@command("job-resume", {"id": STR})
-async def job_resume(daemon: Daemon, args: Args) -> None:
-    daemon.resume_job(daemon.find_job(args["id"], block=False))
-
-
-@command("block-job-resume", {"device": STR})
-async def block_job_resume(daemon: Daemon, args: Args) -> None:
-    daemon.resume_job(daemon.find_job(args["device"], block=True))
-
-
-@command("job-complete", {"id": STR})
-async def job_complete(daemon: Daemon, args: Args) -> None:
-    daemon.complete_job(daemon.find_job(args["id"], block=False))
-
-
-@command("block-job-complete", {"device": STR})
-async def block_job_complete(daemon: Daemon, args: Args) -> None:
-    daemon.complete_job(daemon.find_job(args["device"], block=True))
-
-
-@command("job-finalize", {"id": STR})
-async def job_finalize(daemon: Daemon, args: Args) -> None:
-    daemon.finalize_job(daemon.find_job(args["id"], block=False))
-
-
-@command("block-job-finalize", {"id": STR})
-async def block_job_finalize(daemon: Daemon, args: Args) -> None:
-    daemon.finalize_job(daemon.find_job(args["id"], block=True))
-
-
-@command("job-dismiss", {"id": STR})
-async def job_dismiss(daemon: Daemon, args: Args) -> None:
-    daemon.dismiss_job(daemon.find_job(args["id"], block=False))
-
-
-@command("block-job-dismiss", {"id": STR})
-async def block_job_dismiss(daemon: Daemon, args: Args) -> None:
-    daemon.dismiss_job(daemon.find_job(args["id"], block=True))
+# verb, Daemon method, the member block-job-VERB names its job by (QEMU's block-job-finalize
+# and -dismiss take "id", the older verbs "device"), its extra members, its extra check.
+_JOB_VERBS: tuple[tuple[str, JobVerb, str, Mapping[str, Type], JobCheck | None], ...] = (
+    ("cancel", Daemon.cancel_job, "device", {"*force": BOOL}, _refuse_paused_unless_forced),
+    ("pause", Daemon.pause_job, "device", {}, None),
+    ("resume", Daemon.resume_job, "device", {}, None),
+    ("complete", Daemon.complete_job, "device", {}, None),
+    ("finalize", Daemon.finalize_job, "id", {}, None),
+    ("dismiss", Daemon.dismiss_job, "id", {}, None),
+)
+for _verb, _run, _key, _members, _check in _JOB_VERBS:
+    job_verb(f"job-{_verb}", "id", _run, block=False)
+    job_verb(f"block-job-{_verb}", _key, _run, block=True, members=_members, check=_check)

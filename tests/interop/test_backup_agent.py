@@ -15,41 +15,26 @@ import json
 import os
 import random
 import resource
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 from nbdfleece_backup.cli import main
-from tests.conftest import PYTHON, ServerProcess, make_image, qemu_io, require, run
+from tests.conftest import PYTHON, ServerProcess, libnbd, make_image, qemu_io, require, run, wait_listening
+from tests.interop.tls_pki import Pki, make_pki
 
 pytestmark = pytest.mark.interop
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 64 * MiB
 Factory = Callable[..., ServerProcess]
-
-
-def libnbd() -> ModuleType:
-    nbd: ModuleType = pytest.importorskip("nbd")
-    return nbd
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short folder for Unix sockets (their paths are limited to 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="bk", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def agent(*args: str, check: bool = True, preexec: Callable[[], None] | None = None
@@ -105,6 +90,7 @@ class Writers:
         rng = random.Random(seed)
         try:
             h = self.nbd.NBD()
+            h.set_uri_allow_local_file(True)  # nbds:// URIs name their tls-certificates folder
             h.connect_uri(self.uri)
             while not self.stop.is_set():
                 length = rng.choice([512, 4096, 65536, 70000])
@@ -148,11 +134,21 @@ def restore_and_compare(folder: Path, seq: int, expected: Path, work: Path) -> N
 
 def nbdfleece_server(server_factory: Factory, image: Path, qmp: Path, *extra: str) -> ServerProcess:
     server = server_factory("--export", f"live={image}", "--qmp", f"unix:{qmp}", *extra)
-    deadline = time.monotonic() + 15
-    while not qmp.exists():  # the monitor opens just after the NBD listeners
-        assert server.alive() and time.monotonic() < deadline, server.log()
-        time.sleep(0.01)
+    server.wait_listening(qmp)  # the monitor opens just after the NBD listeners
     return server
+
+
+def served_with_a_full_backup(server_factory: Factory, tmp_path: Path, short_dir: Path
+                              ) -> tuple[ServerProcess, str, Path, Path]:
+    """A server with a 1 MiB-filled ``live`` and a backup folder holding its full backup:
+    ``(server, its NBD URI, its QMP socket, the folder)``."""
+    require("qemu-img", "qemu-io", "nbdcopy")
+    image = make_image(tmp_path / "live.raw", SIZE, {0: os.urandom(MiB)})
+    qmp = short_dir / "qmp.sock"
+    srv = nbdfleece_server(server_factory, image, qmp)
+    server, folder = f"nbd://127.0.0.1:{srv.port}", tmp_path / "backups"
+    backup("full", server, qmp, folder)
+    return srv, server, qmp, folder
 
 
 def test_full_and_three_incrementals_with_writers(server_factory: Factory, tmp_path: Path,
@@ -193,8 +189,8 @@ def test_full_and_three_incrementals_with_writers(server_factory: Factory, tmp_p
     run(["nbdcopy", srv.uri("target"), str(tmp_path / "target-copy.raw")])
     assert (tmp_path / "target-copy.raw").read_bytes() == copies[-1].read_bytes()
     # The bitmaps of older backups were removed; the newest one keeps recording.
-    status, out, _ = agent_here("prune", "--from", str(folder), "--keep", "2")
-    assert status == 0 and "removed point(s) 1, 2" in out
+    status, pruned, _ = agent_here("prune", "--from", str(folder), "--keep", "2")
+    assert status == 0 and "removed point(s) 1, 2" in pruned
     for seq in (3, 4):
         restore_and_compare(folder, seq, copies[seq - 1], tmp_path)
     assert srv.alive()
@@ -232,12 +228,7 @@ def test_kill_9_between_backups_makes_the_next_one_full(server_factory: Factory,
 
 def test_killed_agent_is_recovered_by_the_next_run(server_factory: Factory, tmp_path: Path,
                                                    short_dir: Path) -> None:
-    require("qemu-img", "qemu-io", "nbdcopy")
-    image = make_image(tmp_path / "live.raw", SIZE, {0: os.urandom(MiB)})
-    qmp = short_dir / "qmp.sock"
-    srv = nbdfleece_server(server_factory, image, qmp)
-    server, folder = f"nbd://127.0.0.1:{srv.port}", tmp_path / "backups"
-    backup("full", server, qmp, folder)
+    srv, server, qmp, folder = served_with_a_full_backup(server_factory, tmp_path, short_dir)
     before = (folder / "manifest.json").read_text()
     qemu_io(srv.uri("live"), ["write -P 0x61 4M 64k"])
     # kill -9 of the agent while its snapshot is exported and the old bitmap frozen.
@@ -259,12 +250,7 @@ def test_killed_agent_is_recovered_by_the_next_run(server_factory: Factory, tmp_
 
 def test_failed_write_keeps_the_chain_and_the_bitmap(server_factory: Factory, tmp_path: Path,
                                                      short_dir: Path) -> None:
-    require("qemu-img", "qemu-io", "nbdcopy")
-    image = make_image(tmp_path / "live.raw", SIZE, {0: os.urandom(MiB)})
-    qmp = short_dir / "qmp.sock"
-    srv = nbdfleece_server(server_factory, image, qmp)
-    server, folder = f"nbd://127.0.0.1:{srv.port}", tmp_path / "backups"
-    backup("full", server, qmp, folder)
+    srv, server, qmp, folder = served_with_a_full_backup(server_factory, tmp_path, short_dir)
     qemu_io(srv.uri("live"), ["write -P 0x61 20M 8M"])
 
     def small_files() -> None:  # the backup folder "fills up" after 1 MiB of image
@@ -401,10 +387,7 @@ def test_qemu_storage_daemon_full_and_incremental(tmp_path: Path, short_dir: Pat
         "--export", "type=nbd,id=live,node-name=live,name=live,writable=on",
     ], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 15
-        while not qmp.exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_listening(qmp, proc)
         uri, folder = f"nbd://127.0.0.1:{port}", tmp_path / "backups"
         copies = [tmp_path / "snapshot-1.raw", tmp_path / "snapshot-2.raw"]
         with Writers(f"{uri}/live", SIZE):
@@ -425,3 +408,100 @@ def test_qemu_storage_daemon_full_and_incremental(tmp_path: Path, short_dir: Pat
     info = run(["qemu-img", "info", "--output=json", str(live)]).stdout
     bitmaps = json.loads(info)["format-specific"]["data"].get("bitmaps", [])
     assert [b["name"] for b in bitmaps] == [points[1]["bitmap"]]  # the newest only
+
+
+# -- TLS ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def nbd_writes(uri: str, writes: list[tuple[int, bytes | int]]) -> None:
+    """``(offset, data)`` writes and ``(offset, length)`` zeroing through libnbd (nbds:// too)."""
+    h = libnbd().NBD()
+    h.set_uri_allow_local_file(True)
+    h.connect_uri(uri)
+    for offset, what in writes:
+        if isinstance(what, int):
+            h.zero(what, offset)
+        else:
+            h.pwrite(what, offset)
+    h.flush()
+    h.shutdown()
+
+
+def test_full_and_incremental_over_tls(server_factory: Factory, tmp_path: Path, short_dir: Path,
+                                       pki: Pki) -> None:
+    """``--tls required`` with client certificates checked: the backups (TCP, then a Unix socket),
+    the hook's URI (nbdcopy takes the expected copies through it) and a restore onto an nbds://
+    export all go over TLS."""
+    require("qemu-img", "nbdcopy")
+    image = make_image(tmp_path / "live.raw", SIZE, {0: os.urandom(4 * MiB), 40 * MiB: b"\x5a" * MiB})
+    target = make_image(tmp_path / "target.raw", SIZE, {0: b"\xff" * (8 * MiB)})
+    qmp = short_dir / "qmp.sock"
+    srv = nbdfleece_server(server_factory, image, qmp, "--tls", "required",
+                           "--tls-creds-dir", str(pki.server), "--export", f"target={target}")
+    tcp, unix = f"nbds://127.0.0.1:{srv.port}", f"nbds+unix:///?socket={srv.unix_path}"
+    live = f"{tcp}/live?tls-certificates={pki.agent}"
+    certs = ("--tls-certificates", str(pki.agent))
+    folder = tmp_path / "backups"
+    copies = [tmp_path / "snapshot-1.raw", tmp_path / "snapshot-2.raw"]
+    with Writers(live, SIZE):
+        backup("full", tcp, qmp, folder, copies[0], *certs)
+    nbd_writes(live, [(3 * MiB, b"\x31" * MiB), (MiB, 256 * KiB), (20 * MiB + 512, b"\x41" * 700)])
+    with Writers(live, SIZE, seed=2):
+        out = backup("incremental", unix, qmp, folder, copies[1], *certs)
+    assert "incremental backup: point 2" in out.stdout, out.stdout + out.stderr
+    points = manifest(folder)["points"]
+    assert [p["kind"] for p in points] == ["full", "incremental"]
+    assert 0 < points[1]["bytes_read"] <= points[1]["dirty_bytes"] < SIZE
+    for seq, copy in enumerate(copies, start=1):
+        restore_and_compare(folder, seq, copy, tmp_path)
+    status, _, err = agent_here("restore", "--from", str(folder), "--to", f"{tcp}/target", *certs, "--quiet")
+    assert status == 0, err
+    assert target.read_bytes() == copies[1].read_bytes()
+    assert "client certificate: CN=backup-agent,O=nbdfleece test" in srv.log()
+
+
+def test_tls_refusals_are_clear(server_factory: Factory, tmp_path: Path, short_dir: Path, pki: Pki) -> None:
+    """Plaintext against ``--tls required``, nbds:// without certificates, a client certificate the
+    server refuses, none at all, a server certificate the agent refuses: one clear line each, and
+    nothing left behind."""
+    image = make_image(tmp_path / "live.raw", SIZE, {0: b"\x11" * MiB})
+    qmp = short_dir / "qmp.sock"
+    srv = nbdfleece_server(server_factory, image, qmp, "--tls", "required",
+                           "--tls-creds-dir", str(pki.server))
+    tcp, folder = f"nbds://127.0.0.1:{srv.port}", tmp_path / "b"
+
+    def refused(server: str, certs: Path | None, status: int = 1) -> str:
+        extra = ("--tls-certificates", str(certs)) if certs is not None else ()
+        out = backup("full", server, qmp, folder, None, *extra, check=False)
+        assert out.returncode == status, out.stdout + out.stderr
+        assert out.stderr.startswith("nbdfleece-backup: ") and out.stderr.count("\n") == 1, out.stderr
+        return out.stderr
+
+    err = refused(f"nbd://127.0.0.1:{srv.port}", None)
+    assert err.endswith(": the server requires TLS: use an nbds:// (or nbds+unix://) server address and "
+                        "--tls-certificates DIR\n"), err
+    err = refused(tcp, None, status=2)
+    assert "asks for TLS: --tls-certificates DIR must name the folder holding ca-cert.pem" in err, err
+    err = refused(f"nbd://127.0.0.1:{srv.port}", pki.agent, status=2)
+    assert "is a plaintext NBD address: TLS certificates need an nbds://" in err, err
+    err = refused(tcp, pki.rogue)
+    assert ("the server closed the connection right after the TLS handshake: it probably refused the "
+            f"client certificate ({pki.rogue / 'client-cert.pem'} is not signed by a CA the server trusts, "
+            "or is revoked); its log says why\n") in err, err
+    err = refused(tcp, pki.nocert)
+    assert f"({pki.nocert} has no client-cert.pem, and the server requires one)" in err, err
+    untrusting = tmp_path / "other-ca"
+    untrusting.mkdir()
+    (untrusting / "ca-cert.pem").write_bytes((pki.root / "rogue-ca-cert.pem").read_bytes())
+    err = refused(tcp, untrusting)
+    assert "the server's TLS certificate was refused (certificate verify failed: " in err, err
+    assert f"): it must be signed by the CA in {untrusting / 'ca-cert.pem'} and name the host" in err, err
+    assert not (folder / "manifest.json").exists()
+    backup("full", tcp, qmp, folder, None, "--tls-certificates", str(pki.agent))  # nothing in the way
+    assert [p["kind"] for p in manifest(folder)["points"]] == ["full"]
+    assert srv.alive()

@@ -57,15 +57,30 @@ def drive(tmp_path: Path, live: Path, scenario: Scenario) -> dict[str, Any]:
         return asyncio.run(main(sock))
 
 
-async def wait_event(events: list[dict[str, Any]], name: str, device: str) -> dict[str, Any]:
+async def wait_for(events: list[dict[str, Any]], match: Callable[[dict[str, Any]], bool],
+                   what: str) -> dict[str, Any]:
+    """The first collected event ``match`` accepts, waiting for it (60 s at most)."""
     deadline = time.monotonic() + 60
     while True:
         for event in events:
-            if event.get("event") == name and event["data"].get("device") == device:
-                data: dict[str, Any] = event["data"]
-                return data
-        assert time.monotonic() < deadline, f"no {name} for {device}: {events}"
+            if match(event):
+                return event
+        assert time.monotonic() < deadline, f"no {what}: {events}"
         await asyncio.sleep(0.01)
+
+
+async def wait_event(events: list[dict[str, Any]], name: str, device: str) -> dict[str, Any]:
+    event = await wait_for(events, lambda e: e.get("event") == name and e["data"].get("device") == device,
+                           f"{name} for {device}")
+    data: dict[str, Any] = event["data"]
+    return data
+
+
+def random_live(tmp_path: Path) -> Path:
+    """``live.raw``: SIZE random bytes (every cluster allocated and distinct)."""
+    live = tmp_path / "live.raw"
+    live.write_bytes(os.urandom(SIZE))
+    return live
 
 
 def raw_file(path: Path) -> Path:
@@ -81,8 +96,7 @@ def statuses(events: list[dict[str, Any]], job: str) -> list[str]:
 
 def test_full_backup_while_writing(tmp_path: Path) -> None:
     require("qemu-io", "nbdcopy")
-    live = tmp_path / "live.raw"
-    live.write_bytes(os.urandom(SIZE))
+    live = random_live(tmp_path)
     target = raw_file(tmp_path / "full.raw")
     before = tmp_path / "before.raw"
 
@@ -115,8 +129,7 @@ def test_full_backup_while_writing(tmp_path: Path) -> None:
 
 def test_incremental_backup_to_qcow2_overlay(tmp_path: Path) -> None:
     require("qemu-io", "qemu-img", "nbdcopy")
-    live = tmp_path / "live.raw"
-    live.write_bytes(os.urandom(SIZE))
+    live = random_live(tmp_path)
     full = raw_file(tmp_path / "full.raw")
     inc = tmp_path / "inc.qcow2"
     at_inc = tmp_path / "at-inc.raw"
@@ -167,8 +180,7 @@ def test_incremental_backup_to_qcow2_overlay(tmp_path: Path) -> None:
 
 def test_cancel_and_validation(tmp_path: Path) -> None:
     require("qemu-io")
-    live = tmp_path / "live.raw"
-    live.write_bytes(os.urandom(SIZE))
+    live = random_live(tmp_path)
     target = raw_file(tmp_path / "tgt.raw")
 
     async def scenario(client: Any, events: list[dict[str, Any]], uri: str) -> dict[str, Any]:

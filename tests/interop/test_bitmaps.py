@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PYTHON, ServerProcess, make_image, qemu_io, require, run
+from tests.conftest import PYTHON, ServerProcess, libnbd, make_image, qemu_io, require, run
 
 pytestmark = pytest.mark.interop
 
@@ -34,11 +34,6 @@ CTX = "qemu:dirty-bitmap:"
 
 Run = tuple[int, int, int]
 """(start, length, flag) with flag 1 = dirty."""
-
-
-def libnbd() -> ModuleType:
-    nbd: ModuleType = pytest.importorskip("nbd")
-    return nbd
 
 
 # -- the independent model ---------------------------------------------------------------

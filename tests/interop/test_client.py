@@ -17,10 +17,8 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import socket
 import ssl
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +38,7 @@ from nbdfleece.client import (
     parse_uri,
 )
 from nbdfleece.constants import Errno, TransmissionFlag
-from tests.conftest import ServerProcess, make_image, qemu_io, require, run
+from tests.conftest import ServerProcess, make_image, qemu_io, require, run, wait_listening
 
 pytestmark = pytest.mark.interop
 
@@ -64,28 +62,13 @@ class Peer:
         return f"nbd+unix:///{export}?socket={self.socket}"
 
 
-def listening(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 @contextmanager
 def qemu_process(cmd: list[str], sock: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Start a QEMU tool that listens on ``sock``; stop it at exit."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
-        # The socket file appears at bind(), before listen(): wait until a connect works.
-        deadline = time.monotonic() + 15
-        while not listening(sock):
-            if proc.poll() is not None:
-                raise AssertionError(f"{cmd[0]} exited with {proc.returncode}:\n{log.read_text()}")
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.01)
+        wait_listening(sock, proc, log=log)
         yield proc
     finally:
         if proc.poll() is None:

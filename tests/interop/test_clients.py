@@ -12,12 +12,11 @@ import os
 import socket
 import struct
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-from tests.conftest import ServerProcess, make_image, require, run
+from tests.conftest import ServerProcess, libnbd, make_image, require, run
 
 pytestmark = pytest.mark.interop
 
@@ -40,12 +39,6 @@ SPARSE_RUNS = [
     (5 * MiB, 1 * MiB, True),
     (6 * MiB, 10 * MiB, False),
 ]
-
-
-def libnbd() -> ModuleType:
-    """libnbd's Python binding (Debian's python3-libnbd), or skip."""
-    nbd: ModuleType = pytest.importorskip("nbd")
-    return nbd
 
 
 def read_file(path: Path, offset: int, length: int) -> bytes:

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import ServerProcess, make_image
-from tests.interop.test_faults import Monitor, libnbd, wait_for
+from tests.conftest import ServerProcess, libnbd, make_image
+from tests.interop.test_faults import Monitor
 
 pytestmark = pytest.mark.interop
 
@@ -156,7 +156,7 @@ def start(server_factory: Any, image: Path, data: Path) -> tuple[ServerProcess, 
         "--export", f"live={image}", "--bitmap", "live:pb,persistent",
         "--qmp", "--data-dir", str(data),
     )
-    wait_for(data / "qmp.sock", server)
+    server.wait_listening(data / "qmp.sock")
     return server, Monitor(data / "qmp.sock")
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from tests.conftest import ServerProcess, make_image, require, run
+from tests.conftest import ServerProcess, libnbd, make_image, require, run
 from tests.interop.test_bitmaps import expected_runs, nbdinfo_map
 
 pytestmark = pytest.mark.interop
@@ -46,11 +46,6 @@ KiB = 1 << 10
 MiB = 1 << 20
 CLUSTER = 64 * KiB
 DATA_DIR = "D"
-
-
-def libnbd() -> ModuleType:
-    nbd: ModuleType = pytest.importorskip("nbd")
-    return nbd
 
 
 class Model:
@@ -134,14 +129,6 @@ class Monitor:
     def close(self) -> None:
         self.loop.run_until_complete(self.client.disconnect())
         self.loop.close()
-
-
-def wait_for(path: Path, server: ServerProcess, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert server.alive(), f"server exited:\n{server.log()}"
-        assert time.monotonic() < deadline, f"{path} did not appear:\n{server.log()}"
-        time.sleep(0.02)
 
 
 def random_image(path: Path, size: int, seed: int) -> bytes:
@@ -326,7 +313,7 @@ def test_blkdebug_node_under_an_export(server_factory: Any, tmp_path: Path) -> N
     disk = make_image(tmp_path / "disk.raw", 4 * MiB)
     server: ServerProcess = server_factory("--qmp", "--data-dir", DATA_DIR)
     sock = server.workdir / DATA_DIR / "qmp.sock"
-    wait_for(sock, server)
+    server.wait_listening(sock)
     qmp = Monitor(sock)
     try:
         qmp("blockdev-add", {"driver": "file", "node-name": "disk-file", "filename": str(disk)})
@@ -402,12 +389,30 @@ def live_server(server_factory: Any, tmp_path: Path, data_dir: str = DATA_DIR
     initial = random_image(live, FULL_SIZE, 5)
     server: ServerProcess = server_factory("--export", f"live={live}", "--qmp", "--data-dir", data_dir)
     sock = Path(data_dir) / "qmp.sock" if os.path.isabs(data_dir) else server.workdir / data_dir / "qmp.sock"
-    wait_for(sock, server)
+    server.wait_listening(sock)
     return server, Monitor(sock), live, initial
 
 
 def cluster_data(i: int) -> bytes:
     return bytes([0x40 + i % 64]) * CLUSTER
+
+
+def write_clusters(nbd: ModuleType, h: Any, model: Model, count: int) -> list[bool]:
+    """Write ``cluster_data(i)`` to clusters ``0..count-1``, one request each; the only
+    failure allowed is ENOSPC.  ``model`` learns every outcome; returns which succeeded."""
+    outcomes = []
+    for i in range(count):
+        data = cluster_data(i)
+        try:
+            h.pwrite(data, i * CLUSTER)
+        except nbd.Error as exc:
+            assert exc.errnum == errno.ENOSPC, exc
+            outcomes.append(False)
+            model.failed(i * CLUSTER, data)
+        else:
+            outcomes.append(True)
+            model.ok(i * CLUSTER, data)
+    return outcomes
 
 
 @pytest.mark.parametrize("policy", ["break-guest-write", "break-snapshot"])
@@ -436,18 +441,7 @@ def test_full_disk_under_a_snapshot_overlay(server_factory: Any, tmp_path: Path,
         model = Model(initial)
         h = nbd.NBD()
         h.connect_uri(server.uri("live"))
-        outcomes = []
-        for i in range(12):  # one cluster each: one copy each, until the overlay is full
-            data = cluster_data(i)
-            try:
-                h.pwrite(data, i * CLUSTER)
-            except nbd.Error as exc:
-                assert exc.errnum == errno.ENOSPC, exc
-                outcomes.append(False)
-                model.failed(i * CLUSTER, data)
-            else:
-                outcomes.append(True)
-                model.ok(i * CLUSTER, data)
+        outcomes = write_clusters(nbd, h, model, 12)  # one copy each, until the overlay is full
         h.pwrite(b"\x99" * 100, 10)  # a cluster already copied: no copy needed
         model.ok(10, b"\x99" * 100)
         h.flush()
@@ -545,18 +539,7 @@ def test_really_full_disk_under_the_live_export(server_factory: Any,
     model = Model(bytes(FULL_SIZE))
     h = nbd.NBD()
     h.connect_uri(server.uri("live"))
-    outcomes = []
-    for i in range(8):
-        data = cluster_data(i)
-        try:
-            h.pwrite(data, i * CLUSTER)
-        except nbd.Error as exc:
-            assert exc.errnum == errno.ENOSPC, exc
-            outcomes.append(False)
-            model.failed(i * CLUSTER, data)
-        else:
-            outcomes.append(True)
-            model.ok(i * CLUSTER, data)
+    outcomes = write_clusters(nbd, h, model, 8)
     assert True in outcomes and False in outcomes, outcomes
     model.check(h.pread(FULL_SIZE, 0), "live export")  # the same connection still works
     h.shutdown()

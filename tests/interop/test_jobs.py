@@ -11,8 +11,6 @@ push job, and a job whose transaction aborts before it starts.
 from __future__ import annotations
 
 import asyncio
-import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,23 +18,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import run
-from tests.interop.test_backup_jobs import SIZE, drive, raw_file, statuses
+from tests.interop.test_backup_jobs import SIZE, drive, random_live, raw_file, statuses, wait_for
 from tests.interop.test_fleecing import bitmaps_of
 
 QMP = pytest.importorskip("qemu.qmp")
 pytestmark = pytest.mark.interop
 
 Events = list[dict[str, Any]]
-
-
-async def wait_for(events: Events, match: Callable[[dict[str, Any]], bool], what: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while True:
-        for event in events:
-            if match(event):
-                return event
-        assert time.monotonic() < deadline, f"no {what}: {events}"
-        await asyncio.sleep(0.01)
 
 
 def status_event(job: str, status: str) -> Callable[[dict[str, Any]], bool]:
@@ -62,8 +50,7 @@ def names(events: Events, job: str) -> list[str]:
 
 
 def test_manual_finalize_and_dismiss(tmp_path: Path) -> None:
-    live = tmp_path / "live.raw"
-    live.write_bytes(os.urandom(SIZE))
+    live = random_live(tmp_path)
     target = raw_file(tmp_path / "full.raw")
 
     async def scenario(client: Any, events: Events, uri: str) -> dict[str, Any]:
@@ -141,8 +128,7 @@ def test_manual_finalize_and_dismiss(tmp_path: Path) -> None:
 
 
 def test_cancelled_and_failed_jobs_wait_for_dismiss(tmp_path: Path) -> None:
-    live = tmp_path / "live.raw"
-    live.write_bytes(os.urandom(SIZE))
+    live = random_live(tmp_path)
     target = raw_file(tmp_path / "t.raw")
 
     async def scenario(client: Any, events: Events, uri: str) -> dict[str, Any]:
@@ -194,8 +180,7 @@ def test_cancelled_and_failed_jobs_wait_for_dismiss(tmp_path: Path) -> None:
 
 
 def test_pause_and_resume(tmp_path: Path) -> None:
-    live = tmp_path / "live.raw"
-    live.write_bytes(os.urandom(SIZE))
+    live = random_live(tmp_path)
     target = raw_file(tmp_path / "t.raw")
 
     async def scenario(client: Any, events: Events, uri: str) -> dict[str, Any]:
@@ -241,8 +226,7 @@ def test_pause_and_resume(tmp_path: Path) -> None:
 
 
 def test_fleecing_job_verbs_and_aborted_transaction(tmp_path: Path) -> None:
-    live = tmp_path / "live.raw"
-    live.write_bytes(os.urandom(SIZE))
+    live = random_live(tmp_path)
     fleece = raw_file(tmp_path / "fleece.raw")
     target = raw_file(tmp_path / "t.raw")
 

@@ -14,13 +14,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -29,40 +27,13 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from tests.conftest import ServerProcess, make_image, require, run
+from tests.conftest import ServerProcess, make_image, require, run, wait_listening
 
 pytestmark = pytest.mark.interop
 
 KiB = 1 << 10
 MiB = 1 << 20
 BUSY = "Bitmap '{}' is currently in use by another operation and cannot be used"
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short folder for Unix sockets (their paths are limited to 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="qmp", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None = None, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if path.exists():
-            probe = socket.socket(socket.AF_UNIX)
-            try:
-                probe.connect(str(path))
-                return
-            except OSError:
-                pass
-            finally:
-                probe.close()
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} did not appear")
-        time.sleep(0.02)
 
 
 def with_client(path: Path, body: Callable[[QMPClient], Awaitable[Any]]) -> Any:
@@ -120,7 +91,7 @@ def test_transcript_sequence_on_a_cli_export(server_factory: Any, tmp_path: Path
     server: ServerProcess = server_factory(
         "--export", f"live={image},bitmap=bm0", "--qmp", f"unix:{qmp_path}",
     )
-    wait_for_socket(qmp_path)
+    server.wait_listening(qmp_path)
     assert stat.S_IMODE(os.stat(qmp_path).st_mode) == 0o600
     uri = server.unix_uri("live")
 
@@ -277,7 +248,7 @@ def test_qmp_only_daemon_builds_graph_exports_and_serves(tmp_path: Path, short_d
             cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
         )
     try:
-        wait_for_socket(qmp_path, proc)
+        wait_listening(qmp_path, proc)
         assert listening_ports(proc.pid) == set()  # no NBD before nbd-server-start
 
         async def build(client: QMPClient) -> int:
@@ -422,7 +393,7 @@ def generic(desc: str) -> dict[str, Any]:
 def qmp_server(server_factory: Any, short_dir: Path) -> Iterator[Path]:
     path = short_dir / "qmp.sock"
     server: ServerProcess = server_factory("--qmp", f"unix:{path}")
-    wait_for_socket(path)
+    server.wait_listening(path)
     yield path
     assert server.alive(), server.log()
 

@@ -13,16 +13,13 @@ import asyncio
 import errno
 import random
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -30,7 +27,7 @@ import numpy.typing as npt
 import pytest
 from qemu.qmp import QMPClient
 
-from tests.conftest import ServerProcess, qemu_io, require, run
+from tests.conftest import ServerProcess, libnbd, qemu_io, require, run
 from tests.interop.test_bitmaps import expected_runs, full_map, nbdinfo_map
 
 pytestmark = pytest.mark.interop
@@ -40,27 +37,6 @@ MiB = 1 << 20
 G = 64 * KiB  # bm0's granularity and the copy-before-write cluster
 CTX = "qemu:dirty-bitmap:bm0"
 DATA_DIR = "D"  # relative: resolved in the server's working folder
-
-
-def libnbd() -> ModuleType:
-    nbd: ModuleType = pytest.importorskip("nbd")
-    return nbd
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short folder for Unix sockets (their paths are limited to 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="snap", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def wait_for(path: Path, server: ServerProcess, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert server.alive(), f"server exited:\n{server.log()}"
-        assert time.monotonic() < deadline, f"{path} did not appear:\n{server.log()}"
-        time.sleep(0.02)
 
 
 def cli(server: ServerProcess, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -149,7 +125,7 @@ def test_s0_snapshot_with_bitmap_rotation(server_factory: Any, tmp_path: Path) -
     server: ServerProcess = server_factory(
         "--export", f"live={image},bitmap=bm0", "--qmp", "--data-dir", DATA_DIR,
     )
-    wait_for(server.workdir / DATA_DIR / "qmp.sock", server)
+    server.wait_listening(server.workdir / DATA_DIR / "qmp.sock")
     live, snap = server.uri("live"), server.uri("snap")
 
     qemu_io(live, [c for c, _, _ in WRITES_A])
@@ -243,7 +219,7 @@ def test_two_snapshots_of_one_export_and_deleting_the_older(server_factory: Any,
     server: ServerProcess = server_factory(
         "--export", f"live={image},bitmap=bm0", "--qmp", "--data-dir", DATA_DIR,
     )
-    wait_for(server.workdir / DATA_DIR / "qmp.sock", server)
+    server.wait_listening(server.workdir / DATA_DIR / "qmp.sock")
     live = server.uri("live")
     cli(server, "create", "s1", "--of", "live", "--bitmap", "bm0")
     x = [("write -P 0x01 100 70k", 100, 70 * KiB), ("write -z 3M 1", 3 * MiB, 1)]
@@ -289,7 +265,7 @@ def test_client_still_connected_to_a_deleted_snapshot_gets_no_live_data(
     server: ServerProcess = server_factory(
         "--export", f"live={image}", "--qmp", "--data-dir", DATA_DIR,
     )
-    wait_for(server.workdir / DATA_DIR / "qmp.sock", server)
+    server.wait_listening(server.workdir / DATA_DIR / "qmp.sock")
     cli(server, "create", "snap", "--of", "live")
     s = nbd.NBD()
     s.connect_uri(server.uri("snap"))
@@ -376,7 +352,7 @@ def test_snapshot_under_concurrent_writers(
     server: ServerProcess = server_factory(
         "--export", f"live={image},bitmap=bm0", "--qmp", f"unix:{qmp}", "--data-dir", DATA_DIR,
     )
-    wait_for(qmp, server)
+    server.wait_listening(qmp)
     uris = [server.uri("live"), server.unix_uri("live")]
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -571,7 +547,7 @@ def test_copy_before_write_failure(server_factory: Any, tmp_path: Path, policy: 
     server: ServerProcess = server_factory(
         "--export", f"live={image}", "--qmp", "--data-dir", DATA_DIR,
     )
-    wait_for(server.workdir / DATA_DIR / "qmp.sock", server)
+    server.wait_listening(server.workdir / DATA_DIR / "qmp.sock")
     cli(server, "create", "snap", "--of", "live", "--on-cbw-error", policy)
     h = nbd.NBD()
     h.connect_uri(server.uri("live"))

@@ -26,15 +26,14 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-from tests.conftest import PYTHON, ServerProcess, make_image, qmp_only_server, require, run
-from tests.interop.test_golden_exchanges import read_step
+from tests.conftest import PYTHON, ServerProcess, libnbd, make_image, qmp_only_server, require, run
+from tests.interop.test_golden_exchanges import read_step, recv_exact, send_step
+from tests.interop.tls_pki import Pki, make_pki, openssl
 from tests.unit.test_tls_handshake import TLS_EXCHANGES, TLS_SCENARIOS
 
 pytestmark = pytest.mark.interop
@@ -46,81 +45,12 @@ OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 
 REP_ACK, REP_ERR_TLS_REQD = 1, 0x80000005
 
 
-# -- certificates ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pki:
-    root: Path
-    ca_key: Path
-    server: Path
-    agent: Path
-    intruder: Path
-    nocert: Path
-    rogue: Path
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.server / "ca-cert.pem"
-
-    def context(self, client: str | None = "agent") -> ssl.SSLContext:
-        """A Python client context trusting the CA, with ``client``'s certificate."""
-        ctx = ssl.create_default_context(cafile=str(self.ca_cert))
-        if client is not None:
-            folder = getattr(self, client)
-            ctx.load_cert_chain(folder / "client-cert.pem", folder / "client-key.pem")
-        return ctx
-
-
-def openssl(*args: str | Path) -> None:
-    run(["openssl", *map(str, args)])
-
-
-def new_ca(folder: Path, name: str) -> tuple[Path, Path]:
-    key, cert = folder / f"{name}-key.pem", folder / f"{name}-cert.pem"
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", key, "-out", cert, "-days", "2", "-subj", f"/CN={name}",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
-    return key, cert
-
-
-def issue(ca_key: Path, ca_cert: Path, folder: Path, role: str, subject: str, extensions: str) -> None:
-    """``folder/{role}-cert.pem`` and ``-key.pem``, signed by the CA, with ``extensions``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    key, cert, csr = folder / f"{role}-key.pem", folder / f"{role}-cert.pem", folder / f"{role}.csr"
-    ext = folder / f"{role}.ext"
-    ext.write_text(extensions)
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", key, "-out", csr, "-subj", subject)
-    openssl("x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial",
-            "-out", cert, "-days", "2", "-extfile", ext)
-    csr.unlink()
-    ext.unlink()
-
-
-SERVER_EXT = ("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n"
-              "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n")
-CLIENT_EXT = ("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
-              "extendedKeyUsage=clientAuth\n")
+# -- certificates (made by tls_pki, shared with the backup agent's tests) -----------------
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    require("openssl")
-    root = tmp_path_factory.mktemp("pki")
-    ca_key, ca_cert = new_ca(root, "nbdfleece-test-ca")
-    rogue_key, rogue_cert = new_ca(root, "rogue-ca")
-    pki = Pki(root, ca_key, root / "server", root / "agent", root / "intruder", root / "nocert",
-              root / "rogue")
-    issue(ca_key, ca_cert, pki.server, "server", "/O=nbdfleece test/CN=localhost", SERVER_EXT)
-    issue(ca_key, ca_cert, pki.agent, "client", "/O=nbdfleece test/CN=backup-agent", CLIENT_EXT)
-    issue(ca_key, ca_cert, pki.intruder, "client", "/O=nbdfleece test/CN=intruder", CLIENT_EXT)
-    issue(rogue_key, rogue_cert, pki.rogue, "client", "/O=nbdfleece test/CN=backup-agent", CLIENT_EXT)
-    pki.nocert.mkdir()
-    for folder in (pki.server, pki.agent, pki.intruder, pki.nocert, pki.rogue):
-        (folder / "ca-cert.pem").write_bytes(ca_cert.read_bytes())
-    return pki
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -139,16 +69,6 @@ def qemu_tls(server: ServerProcess, export: str, certs: Path) -> list[str]:
     return ["--object", f"tls-creds-x509,id=tls0,dir={certs},endpoint=client", "--image-opts",
             f"driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=127.0.0.1,"
             f"file.server.port={server.port},file.export={export},file.tls-creds=tls0"]
-
-
-def recv_exact(sock: socket.socket | ssl.SSLSocket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"server closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
 
 
 def option(opt: int, payload: bytes = b"") -> bytes:
@@ -189,11 +109,6 @@ def wait_for_log(server: ServerProcess, text: str, timeout: float = 15) -> str:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def libnbd() -> ModuleType:
-    nbd: ModuleType = pytest.importorskip("nbd")
-    return nbd
 
 
 @pytest.fixture
@@ -477,11 +392,7 @@ def test_tls_exchange_against_server(
                 assert isinstance(sock, socket.socket)
                 sock = pki.context().wrap_socket(sock, server_hostname="127.0.0.1")
             elif step["dir"] == "c2s":
-                data = bytes.fromhex(step["hex"])
-                while data:
-                    n = rng.randint(1, max(1, len(data)))
-                    sock.sendall(data[:n])
-                    data = data[n:]
+                send_step(sock, step, rng)
             else:
                 read_step(sock, step)
         assert scenario["end"] == "server_closes"

@@ -232,20 +232,22 @@ async def test_finish_prune_without_merge(tmp_path: Path) -> None:
     await check_points(folder, tmp_path, {3: states[-1]})
 
 
-async def test_crc32_pieces_are_checked_like_sha256(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["crc32", "xxh3-128"])
+async def test_other_pieces_are_checked_like_sha256(tmp_path: Path, algorithm: str) -> None:
+    """A chain may mix checksums: each image is verified (and re-hashed by prune) with its own."""
     folder = tmp_path / "b"
     disk = bytearray(SIZE)
     scribble(disk, 0, MiB, 0x51)
     async with Folder(folder, create=True) as f:
         await add_point(f, disk)
-        await add_point(f, disk, [scribble(disk, 2 * MiB, 64 * KiB, 0x52)], checksum="crc32")
-        await add_point(f, disk, [scribble(disk, 3 * MiB, 64 * KiB, 0x53)], checksum="crc32")
-        assert [p.checksum.split(":")[0] for p in f.manifest.points] == ["sha256", "crc32", "crc32"]
+        await add_point(f, disk, [scribble(disk, 2 * MiB, 64 * KiB, 0x52)], checksum=algorithm)
+        await add_point(f, disk, [scribble(disk, 3 * MiB, 64 * KiB, 0x53)], checksum=algorithm)
+        assert [p.checksum.split(":")[0] for p in f.manifest.points] == ["sha256", algorithm, algorithm]
     assert (await verify(folder))[1] == []
-    await prune(folder, 1, QUIET)  # point 3 becomes the full backup, still with crc32 pieces
+    await prune(folder, 1, QUIET)  # point 3 becomes the full backup, still with its own pieces
     async with Folder(folder, write=False) as f:
         (only,) = f.manifest.points
-        assert only.checksum.startswith("crc32:") and only.kind == "full"
+        assert only.checksum.startswith(f"{algorithm}:") and only.kind == "full"
     assert (await verify(folder))[1] == []
     image = folder / "point-0003.qcow2"
     blob = bytearray(image.read_bytes())

@@ -5,19 +5,24 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbdfleece_backup.plan import (
+    CHECKSUMS,
     CLUSTER,
     DATA,
+    DEFAULT_CHECKSUM,
     NONE,
     PIECE,
     ZERO,
     ContentDigest,
     Piece,
+    checksum_algorithm,
     data_ranges,
     dirty_ranges,
+    piece_checksum,
     pieces,
     plan_full,
     plan_incremental,
@@ -114,3 +119,18 @@ def test_content_digest_is_order_independent_and_kind_sensitive() -> None:
     three.add(Piece(PIECE, 4, False), hashlib.sha256(bytes(4)).hexdigest())
     assert three.hexdigest() != one.hexdigest()  # zero cluster != data that happens to be zero
     assert one.hexdigest().startswith("sha256:")
+
+
+def test_piece_checksums() -> None:
+    assert DEFAULT_CHECKSUM == "xxh3-128" and set(CHECKSUMS) == {"xxh3-128", "sha256", "crc32"}
+    # XXH3-128 reference vector (xxHash's sanity test: the empty input, seed 0).
+    assert piece_checksum("xxh3-128", b"") == "99aa06d3014798d86001c324468d497f"
+    assert piece_checksum("sha256", b"abc") == hashlib.sha256(b"abc").hexdigest()
+    assert piece_checksum("crc32", b"123456789") == "cbf43926"
+    data = bytearray(range(256)) * 4096
+    before = piece_checksum("xxh3-128", memoryview(data))
+    data[12345] ^= 1
+    assert piece_checksum("xxh3-128", memoryview(data)) != before
+    assert checksum_algorithm("xxh3-128:" + "0" * 64) == "xxh3-128"
+    with pytest.raises(ValueError):
+        piece_checksum("md5", b"")

@@ -148,6 +148,14 @@ class NowaitStore(MemoryStore):
         return True
 
 
+def nowait_source(seed: int) -> tuple[bytes, NowaitStore]:
+    """A fast-path source of SIZE noise bytes: (its initial contents, the store)."""
+    old = noise(SIZE, seed)
+    src = NowaitStore("src", SIZE)
+    src.data[:] = old
+    return old, src
+
+
 class Jitter(Layer):
     """Yields a random number of times before and after each request."""
 
@@ -455,9 +463,7 @@ class PreSetup:
 
     def __init__(self, nursery: trio.Nursery, w_offset: int, w_data: bytes, *,
                  nowait_target: bool = False) -> None:
-        self.old = noise(SIZE, 7)
-        self.src = NowaitStore("src", SIZE)
-        self.src.data[:] = self.old
+        self.old, self.src = nowait_source(7)
         self.blocker = Blocker(self.src)
         self.tracking = DirtyTracking("live", self.blocker)
         self.w_offset = w_offset
@@ -674,9 +680,7 @@ async def test_break_snapshot_during_a_snapshot_read_fails_that_read() -> None:
 # -- the synchronous fast path -----------------------------------------------------------
 
 async def test_write_nowait_never_bypasses_a_needed_copy() -> None:
-    old = noise(SIZE, 11)
-    src = NowaitStore("src", SIZE)
-    src.data[:] = old
+    old, src = nowait_source(11)
     tgt = MemoryStore("tgt", SIZE)
     cbw = CopyBeforeWrite("cbw", src, tgt, cluster_size=C)
     assert cbw.write_nowait(C + 1, wrap(b"x" * 10)) is False  # uncopied
@@ -710,9 +714,7 @@ async def test_write_nowait_never_bypasses_a_needed_copy() -> None:
 async def test_write_nowait_through_tracking_marks_and_respects_copies() -> None:
     from nbdfleece.bitmap import DirtyBitmap
 
-    old = noise(SIZE, 12)
-    src = NowaitStore("src", SIZE)
-    src.data[:] = old
+    old, src = nowait_source(12)
     tracking = DirtyTracking("live", src)
     cbw = CopyBeforeWrite("cbw", tracking.child, MemoryStore("t", SIZE), cluster_size=C,
                           pre_inflight=tracking.in_flight())
@@ -788,9 +790,7 @@ def test_model(scenario: tuple[int, int, list[Op]], seed: int) -> None:
 # -- fast-path copies ----------------------------------------------------------------------
 
 async def test_fast_path_copies_runs_of_pending_clusters() -> None:
-    old = noise(SIZE, 20)
-    src = NowaitStore("src", SIZE)
-    src.data[:] = old
+    old, src = nowait_source(20)
     tgt = NowaitStore("tgt", SIZE)
     cbw = CopyBeforeWrite("cbw", src, tgt, cluster_size=C)
     await cbw.write(3 * C, wrap(b"a"))  # cluster 3 copied by the async path
@@ -823,9 +823,7 @@ class BrokenNowaitTarget(NowaitStore):
 
 
 async def test_a_failed_fast_path_copy_is_redone_and_reported_by_the_async_path() -> None:
-    old = noise(SIZE, 21)
-    src = NowaitStore("src", SIZE)
-    src.data[:] = old
+    old, src = nowait_source(21)
     tgt = BrokenNowaitTarget("tgt", SIZE)
     cbw = CopyBeforeWrite("cbw", src, tgt, cluster_size=C)
     assert cbw.write_nowait(0, wrap(b"x")) is False  # the error is not swallowed...
@@ -857,9 +855,7 @@ async def test_bitmap_limits_copies_and_snapshot_access() -> None:
     from nbdfleece.bitmap import DirtyBitmap
     from nbdfleece.errors import RequestError
 
-    old = noise(SIZE, 22)
-    src = NowaitStore("src", SIZE)
-    src.data[:] = old
+    old, src = nowait_source(22)
     tgt = NowaitStore("tgt", SIZE)
     bitmap = DirtyBitmap("b", SIZE, 512, recording=False)
     bitmap.mark(2 * C + 100, 1)  # cluster 2
@@ -1113,3 +1109,23 @@ async def test_drain_waits_for_copies_and_reads_under_way() -> None:
         h.release.set()
     assert drained.is_set() and len(cbw.locks) == 0
     await cbw.drain()  # nothing under way: returns at once
+
+
+# -- the target's gate (its crash-recovery journal entry, recovery.py) -------------------------
+
+async def test_nothing_reaches_the_target_before_it_is_ready() -> None:
+    old, src = nowait_source(31)
+    tgt = NowaitStore("tgt", SIZE)
+    cbw = CopyBeforeWrite("cbw", src, tgt, cluster_size=C)
+    cbw.target_ready = ready = trio.Event()
+    assert cbw.write_nowait(C, wrap(b"f")) is False  # the fast path declines
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cbw.write, 2 * C, wrap(b"a"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert bytes(tgt.data) == bytes(SIZE) and cbw.copied_bytes == 0  # waits, copies nothing
+        assert src.data[2 * C : 2 * C + 1] == old[2 * C : 2 * C + 1]  # nor lets the write through
+        ready.set()
+    assert cbw.copied_bytes == C and tgt.data[2 * C : 3 * C] == old[2 * C : 3 * C]
+    assert src.data[2 * C : 2 * C + 1] == b"a"
+    assert cbw.write_nowait(C, wrap(b"f")) is True  # open from now on
+    assert await snap(cbw) == old

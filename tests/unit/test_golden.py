@@ -147,6 +147,21 @@ def check_s2c(step: dict[str, Any], got: bytes) -> int:
     return len(prefix) + 4 + length
 
 
+def feed_c2s(hs: ServerHandshake, step: dict[str, Any], trickle: bool) -> tuple[object, bytes]:
+    """Feed a client step to the handshake, whole or one byte at a time, until it has an
+    event: ``(that event or NEED_DATA, the bytes it sent meanwhile)``."""
+    data = bytes.fromhex(step["hex"])
+    event: object = NEED_DATA
+    sent = b""
+    for chunk in [data[i : i + 1] for i in range(len(data))] if trickle else [data]:
+        hs.receive_data(chunk)
+        event = hs.next_event()
+        sent += hs.data_to_send()
+        if event is not NEED_DATA:
+            break
+    return event, sent
+
+
 SCENARIOS = EXCHANGES["scenarios"]
 
 
@@ -161,14 +176,8 @@ def test_handshake_replays_exchange(scenario: dict[str, Any], trickle: bool) -> 
         if step["dir"] == "c2s":
             if event is not NEED_DATA:
                 break  # transmission phase: the interop replay covers it
-            data = bytes.fromhex(step["hex"])
-            chunks = [data[i : i + 1] for i in range(len(data))] if trickle else [data]
-            for chunk in chunks:
-                if event is not NEED_DATA:
-                    break
-                hs.receive_data(chunk)
-                event = hs.next_event()
-                pending += hs.data_to_send()
+            event, sent = feed_c2s(hs, step, trickle)
+            pending += sent
         else:
             if event is not NEED_DATA and not pending:
                 break  # transmission replies

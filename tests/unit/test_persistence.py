@@ -143,13 +143,14 @@ def test_failed_write_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.Mon
     persistence.save(image, SIZE, bitmaps_with_contents(), in_use=False)
     before = sidecar_path(image).read_bytes()
 
-    def full_disk(*args: Any, **kwargs: Any) -> None:
+    def full_disk(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(json, "dump", full_disk)
+    monkeypatch.setattr(os, "fsync", full_disk)
     with pytest.raises(OSError):
         persistence.save(image, SIZE, [DirtyBitmap("z", SIZE, persistent=True)], in_use=True)
     assert sidecar_path(image).read_bytes() == before
+    assert leftovers(tmp_path) == []  # the half-written temp file is removed
     monkeypatch.undo()
     loaded, crashed = persistence.load(image, SIZE)
     assert not crashed and [b.name for b in loaded] == ["a", "b", "c"]

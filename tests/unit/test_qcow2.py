@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -531,6 +533,45 @@ async def test_concurrent_mixed_requests(tmp_path: Path, cluster_size: int) -> N
         assert await read_all(node) == model
         await node.flush()
         await assert_consistent(node)
+    finally:
+        await node.close()
+
+
+async def test_large_writes_into_fresh_clusters(tmp_path: Path) -> None:
+    """Whole-cluster writes into unallocated clusters (the backup agent's path: no shared lock
+    first, one pwrite per run of new host clusters, the L2 entries in one go) across L2 tables,
+    concurrently, next to reads and partial writes; then overwrites in place."""
+    path = tmp_path / "a.qcow2"
+    cs = 512  # 64 L2 entries per table: a 16 KiB write spans two or three tables
+    size = 2 * MiB
+    create_qcow2(path, size, cluster_size=cs)
+    node = open_qcow2(path)
+    model = bytearray(size)
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(64):
+                offset, length = i * 32 * KiB + (i % 7) * cs, 16 * KiB + (i % 3) * cs
+                data = pattern(100 + i, length)
+                model[offset : offset + length] = data
+                nursery.start_soon(node.write, offset, memoryview(data))
+                tail = offset + 28 * KiB + 3  # a partial write into a fresh cluster of its own
+                model[tail : tail + 100] = pattern(300 + i, 100)
+                nursery.start_soon(node.write, tail, memoryview(pattern(300 + i, 100)))
+                if i % 4 == 0:
+                    nursery.start_soon(read_all, node)
+        assert await read_all(node) == model
+        assert node._locks.busy() == 0
+        for i in range(0, 64, 5):  # mapped now: written in place under shared locks
+            offset = i * 32 * KiB
+            model[offset : offset + 8 * KiB] = pattern(500 + i, 8 * KiB)
+            await node.write(offset, memoryview(pattern(500 + i, 8 * KiB)))
+        await node.flush()
+        await assert_consistent(node)
+        await node.close()
+        if shutil.which("qemu-img"):
+            subprocess.run(["qemu-img", "check", str(path)], check=True, capture_output=True)
+        node = open_qcow2(path)
+        assert await read_all(node) == model
     finally:
         await node.close()
 

@@ -12,11 +12,14 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import pytest
+import trio
 
+from nbdfleece import recovery
 from nbdfleece.recovery import INTERRUPTED, JobJournal, recover
 
 
@@ -132,3 +135,36 @@ def test_unreadable_journal_is_reported_not_fatal(tmp_path: Path,
     with caplog.at_level(logging.ERROR, logger="nbdfleece.recovery"):
         assert recover(JobJournal(str(data))) == []
     assert "unreadable job journal" in caplog.text
+
+
+async def test_inside_trio_the_journal_is_written_by_a_worker_in_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = tmp_path / "data"
+    journal = JobJournal(str(data))
+    written: list[tuple[str, int]] = []
+    real_write = recovery.write_atomic
+
+    def spy(path: Path, payload: bytes) -> None:
+        written.append((threading.current_thread().name, len(json.loads(payload)["entries"])))
+        real_write(path, payload)
+
+    monkeypatch.setattr(recovery, "write_atomic", spy)
+    journal.record("job:0", "backup job", "0", str(tmp_path / "t0.raw"))
+    assert not data.exists()  # record() itself does no I/O on the event loop
+    first = journal.synced_event()
+    assert not first.is_set()
+    for i in range(1, 20):
+        journal.record(f"job:{i}", "backup job", str(i), str(tmp_path / f"t{i}.raw"))
+        if i % 3 == 0:
+            await trio.sleep(0)  # let writes start while entries keep changing
+    await first.wait()
+    assert "job:0" in json.loads(journal.path.read_text())["entries"]  # durable when set
+    await journal.sync()
+    assert set(json.loads(journal.path.read_text())["entries"]) == {f"job:{i}" for i in range(20)}
+    assert journal.synced_event().is_set()
+    assert written and all(name.startswith("nbdfleece-io-") for name, _ in written)
+    counts = [n for _, n in written]
+    assert counts == sorted(counts) and counts[-1] == 20  # never back to an older state
+    journal.forget("job:0")
+    await journal.aclose()  # waits for the pending write, then removes everything
+    assert list(data.iterdir()) == []

@@ -31,7 +31,7 @@ from nbdfleece.tls import (
     psk_supported,
     read_psk_file,
 )
-from tests.unit.test_golden import check_s2c
+from tests.unit.test_golden import check_s2c, feed_c2s
 from tests.unit.test_handshake import LIVE, RO, Directory, go_payload, meta_payload, option, replies
 
 AGENT = DistinguishedName.parse("CN=backup-agent,O=nbdfleece test")
@@ -378,13 +378,8 @@ def test_handshake_replays_tls_exchange(scenario: dict[str, Any], trickle: bool)
         elif step["dir"] == "c2s":
             if event is not NEED_DATA:
                 break  # transmission: the interop replay covers it
-            data = bytes.fromhex(step["hex"])
-            for chunk in ([data[i : i + 1] for i in range(len(data))] if trickle else [data]):
-                if event is not NEED_DATA:
-                    break
-                hs.receive_data(chunk)
-                event = hs.next_event()
-                pending += hs.data_to_send()
+            event, sent = feed_c2s(hs, step, trickle)
+            pending += sent
         else:
             if isinstance(event, Negotiated | Closed) and not pending:
                 break

@@ -26,18 +26,17 @@ from pathlib import Path
 
 import trio
 
-from nbdfleece.block.workers import run_blocking
 from nbdfleece.client import NbdClient, NbdError
 from nbdfleece.constants import QEMU_DIRTY_BITMAP_PREFIX
-from nbdfleece_backup.connections import Connections, describe, export_uri, open_connections
+from nbdfleece_backup.connections import Connections, Tls, describe, export_uri, open_connections, tls_for
 from nbdfleece_backup.errors import BackupError
 from nbdfleece_backup.image import ImageWriter
 from nbdfleece_backup.plan import (
+    DEFAULT_CHECKSUM,
     PIECE,
     Piece,
     data_ranges,
     dirty_ranges,
-    piece_checksum,
     pieces,
     plan_full,
     plan_incremental,
@@ -50,7 +49,9 @@ from nbdfleece_backup.store import Folder, Manifest, Point, image_name, now_iso
 
 BASE_ALLOCATION = "base:allocation"
 PIPELINE = 2
-"""Pieces in flight per connection."""
+"""Pieces being read per connection."""
+BUFFERS_PER_READER = 2
+"""Piece buffers per reader: one being read, one being hashed and written."""
 
 
 @dataclass
@@ -63,7 +64,9 @@ class BackupOptions:
     scratch: Path | None = None
     connections: int = 4
     on_snapshot: str | None = None
-    checksum: str = "sha256"
+    checksum: str = DEFAULT_CHECKSUM
+    tls_certificates: Path | None = None
+    """For an ``nbds://`` server: ca-cert.pem, client-cert.pem, client-key.pem (libnbd's layout)."""
 
 
 @dataclass
@@ -98,6 +101,7 @@ def incremental_blocker(manifest: Manifest, bitmaps: dict[str, BitmapState], siz
 
 
 async def backup(opts: BackupOptions, progress: Progress) -> Point:
+    tls = tls_for(opts.server, opts.tls_certificates)  # a bad address or folder fails before anything
     async with Folder(opts.folder, create=True) as folder:
         for line in folder.recovered:
             progress.note(f"recovered: {line}")
@@ -125,11 +129,11 @@ async def backup(opts: BackupOptions, progress: Progress) -> Point:
                     state = bitmaps.get(last.bitmap) if last else None
                     if state is not None and state.inconsistent:
                         await server.remove_bitmap(state.name)  # the only thing it allows
-            return await _backup(folder, server, opts, kind, note, scratch, progress)
+            return await _backup(folder, server, opts, tls, kind, note, scratch, progress)
 
 
-async def _backup(folder: Folder, server: ServerSide, opts: BackupOptions, kind: str, note: str | None,
-                  scratch: Path, progress: Progress) -> Point:
+async def _backup(folder: Folder, server: ServerSide, opts: BackupOptions, tls: Tls | None, kind: str,
+                  note: str | None, scratch: Path, progress: Progress) -> Point:
     manifest = folder.manifest
     last = manifest.last
     if server.size % 512:
@@ -145,11 +149,11 @@ async def _backup(folder: Folder, server: ServerSide, opts: BackupOptions, kind:
                       "the next backup will be a full one")
     try:
         if opts.on_snapshot:
-            await _run_hook(opts, snap, kind)
+            await _run_hook(opts, tls, snap, kind)
         final = folder.image_path(image_name(seq))
         backing = last.file if kind == "incremental" and last is not None else None
         writer = ImageWriter(final, server.size, backing, opts.checksum)
-        stats = await copy_snapshot(opts, snap, writer, progress)
+        stats = await copy_snapshot(opts, tls, snap, writer, progress)
         image_size = await writer.commit()
         point = Point(
             seq=seq, kind=kind, file=final.name, backing=backing, snapshot_time=snapshot_time,
@@ -190,12 +194,13 @@ async def _backup(folder: Folder, server: ServerSide, opts: BackupOptions, kind:
     return point
 
 
-async def _run_hook(opts: BackupOptions, snap: Snapshot, kind: str) -> None:
+async def _run_hook(opts: BackupOptions, tls: Tls | None, snap: Snapshot, kind: str) -> None:
     """``--on-snapshot CMD``: runs while the snapshot export exists, before the agent reads it."""
     assert opts.on_snapshot is not None
     env = dict(os.environ)
-    env.update(NBDFLEECE_SNAPSHOT_URI=export_uri(opts.server, snap.name), NBDFLEECE_SNAPSHOT_EXPORT=snap.name,
-               NBDFLEECE_BACKUP_KIND=kind, NBDFLEECE_SNAPSHOT_BITMAP=snap.old_bitmap or "")
+    env.update(NBDFLEECE_SNAPSHOT_URI=export_uri(opts.server, snap.name, tls),
+               NBDFLEECE_SNAPSHOT_EXPORT=snap.name, NBDFLEECE_BACKUP_KIND=kind,
+               NBDFLEECE_SNAPSHOT_BITMAP=snap.old_bitmap or "")
     result = await trio.run_process(opts.on_snapshot, shell=True, env=env, check=False,
                                     stdin=subprocess.DEVNULL)
     if result.returncode != 0:
@@ -222,15 +227,15 @@ async def _status(conns: Connections, context: str, size: int, step: int) -> lis
     return [e for part in found for e in part]
 
 
-async def copy_snapshot(opts: BackupOptions, snap: Snapshot, writer: ImageWriter, progress: Progress
-                        ) -> CopyStats:
+async def copy_snapshot(opts: BackupOptions, tls: Tls | None, snap: Snapshot, writer: ImageWriter,
+                        progress: Progress) -> CopyStats:
     contexts = [BASE_ALLOCATION]
     bitmap_context = QEMU_DIRTY_BITMAP_PREFIX + snap.old_bitmap if snap.old_bitmap else None
     if bitmap_context:
         contexts.append(bitmap_context)
     try:
         async with open_connections(opts.server, snap.name, contexts=contexts, count=opts.connections,
-                                    progress=progress) as conns:
+                                    progress=progress, tls=tls) as conns:
             size = conns.first.size
             if size != writer.size:
                 raise BackupError(f"snapshot export is {size} bytes, but the node is {writer.size}")
@@ -262,27 +267,56 @@ async def _copy(conns: Connections, size: int, max_block: int, bitmap_context: s
     label = "incremental" if bitmap_context else "full"
     progress.start(f"{label} backup", to_read)
     queue = iter(todo)
+    readers = len(conns.clients) * PIPELINE
+    buffers = PieceBuffers(readers * BUFFERS_PER_READER)
 
-    async def worker(slot: int) -> None:
-        buffer = bytearray(PIECE)  # reused: no page faults for a fresh 4 MiB per piece
+    async def store(piece: Piece, buf: bytearray) -> None:
+        try:
+            await writer.write(piece, memoryview(buf)[: piece.length])
+        finally:
+            buffers.put(buf)
+        stats.data_bytes += piece.length
+        progress.advance(piece.length)
+
+    async def reader(slot: int, nursery: trio.Nursery) -> None:
         for piece in queue:
             if piece.zero:
                 await writer.zero(piece)
                 stats.zero_bytes += piece.length
                 continue
-            buf = memoryview(buffer)[: piece.length]
-            await _read_piece(conns, slot, piece, max_block, buf)
+            buf = await buffers.get()
+            try:
+                await _read_piece(conns, slot, piece, max_block, memoryview(buf)[: piece.length])
+            except BaseException:
+                buffers.put(buf)
+                raise
             stats.bytes_read += piece.length
-            digest = await run_blocking(piece_checksum, writer.digest.algorithm, buf)
-            await writer.write(piece, buf, digest)
-            stats.data_bytes += piece.length
-            progress.advance(piece.length)
+            # Hashing and writing overlap with the next reads of this connection.
+            nursery.start_soon(store, piece, buf)
 
     async with trio.open_nursery() as nursery:
-        for slot in range(len(conns.clients) * PIPELINE):
-            nursery.start_soon(worker, slot)
+        for slot in range(readers):
+            nursery.start_soon(reader, slot, nursery)
     stats.seconds = progress.finish()
     return stats
+
+
+class PieceBuffers:
+    """At most ``count`` piece buffers, made on first use and reused (no page faults for a
+    fresh 4 MiB per piece); a reader waits here when the writes fall behind."""
+
+    def __init__(self, count: int, size: int = PIECE) -> None:
+        self._free: list[bytearray] = []
+        self._size = size
+        self._slots = trio.Semaphore(count)
+
+    async def get(self) -> bytearray:
+        await self._slots.acquire()
+        return self._free.pop() if self._free else bytearray(self._size)
+
+    def put(self, buf: bytearray) -> None:
+        self._free.append(buf)
+        self._slots.release()
 
 
 async def _read_piece(conns: Connections, slot: int, piece: Piece, max_block: int, view: memoryview) -> None:

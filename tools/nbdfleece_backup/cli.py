@@ -17,11 +17,15 @@ import trio
 from nbdfleece_backup import __version__
 from nbdfleece_backup.agent import BackupOptions, backup, summary
 from nbdfleece_backup.errors import BackupError
-from nbdfleece_backup.plan import CHECKSUMS
+from nbdfleece_backup.plan import CHECKSUMS, DEFAULT_CHECKSUM
 from nbdfleece_backup.progress import Progress, human, rate
 from nbdfleece_backup.prune import prune
 from nbdfleece_backup.report import listing, verify
 from nbdfleece_backup.restore import restore
+
+TLS_HELP = ("for an nbds:// address: the folder with ca-cert.pem (the CA that signed the server's "
+            "certificate), and client-cert.pem and client-key.pem when the server checks client "
+            "certificates (the layout of libnbd's tls-certificates and QEMU's tls-creds-x509)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(a full one when that cannot be trusted)")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--server", required=True, metavar="URI",
-                       help="the NBD server: nbd://HOST[:PORT] or nbd+unix:///?socket=PATH")
+                       help="the NBD server: nbd://HOST[:PORT] or nbd+unix:///?socket=PATH; "
+                       "nbds:// and nbds+unix:// for TLS (with --tls-certificates)")
+        p.add_argument("--tls-certificates", type=Path, metavar="DIR", help=TLS_HELP)
         p.add_argument("--qmp", required=True, metavar="PATH",
                        help="the server's QMP monitor: a Unix socket path (or unix:PATH, HOST:PORT)")
         p.add_argument("--export", required=True, metavar="NAME", help="the block export (its id) to back up")
@@ -50,15 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--on-snapshot", metavar="CMD",
                        help="shell command run while the snapshot is exported, before it is read; "
                        "its environment has NBDFLEECE_SNAPSHOT_URI")
-        p.add_argument("--checksum", choices=CHECKSUMS, default="sha256",
-                       help="checksum of each 4 MiB piece of the image (default sha256; crc32 costs "
-                       "about a third of the CPU)")
+        p.add_argument("--checksum", choices=CHECKSUMS, default=DEFAULT_CHECKSUM,
+                       help=f"checksum of each 4 MiB piece of the image (default {DEFAULT_CHECKSUM}: "
+                       "fast, 128 bits, not cryptographic; sha256 is cryptographic but costs ~30x the CPU; "
+                       "crc32 ~10x and has only 32 bits); each image keeps its own, so chains may mix them")
         p.add_argument("--quiet", action="store_true", help="no progress output")
     p = sub.add_parser("restore", help="rebuild the disk at a point into a raw file or an NBD export")
     p.add_argument("--from", dest="source", required=True, metavar="DIR", type=Path)
     p.add_argument("--point", type=int, metavar="N", help="the point to restore (default: the newest)")
     p.add_argument("--to", dest="target", required=True, metavar="FILE|URI",
-                   help="a new raw file, a block device, or nbd://HOST[:PORT]/EXPORT")
+                   help="a new raw file, a block device, or nbd://HOST[:PORT]/EXPORT "
+                   "(nbds:// for TLS, with --tls-certificates)")
+    p.add_argument("--tls-certificates", type=Path, metavar="DIR", help=TLS_HELP)
     p.add_argument("--force", action="store_true", help="replace an existing FILE")
     p.add_argument("--no-verify", action="store_true", help="skip the checksums of the chain's images")
     p.add_argument("--connections", type=int, default=4, metavar="N")
@@ -82,12 +91,13 @@ async def run(args: argparse.Namespace) -> int:
         opts = BackupOptions(server=args.server, qmp=args.qmp, export=args.export, folder=args.to,
                              incremental=args.command == "incremental", scratch=args.scratch,
                              connections=args.connections, on_snapshot=args.on_snapshot,
-                             checksum=args.checksum)
+                             checksum=args.checksum, tls_certificates=args.tls_certificates)
         point = await backup(opts, progress)
         print(summary(point), flush=True)
     elif args.command == "restore":
         stats = await restore(args.source, args.point, args.target, connections=args.connections,
-                              force=args.force, verify=not args.no_verify, progress=progress)
+                              force=args.force, verify=not args.no_verify, progress=progress,
+                              tls_certificates=args.tls_certificates)
         print(f"restored point {stats.point.seq} ({stats.point.snapshot_time}) to {args.target}: "
               f"{human(stats.data_bytes)} of data, {human(stats.point.disk_size)} disk, "
               f"{stats.seconds:.2f} s ({rate(stats.data_bytes, stats.seconds)})", flush=True)

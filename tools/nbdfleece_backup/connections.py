@@ -6,20 +6,32 @@ connection, a few times with a growing pause; an error *reply* is not
 retried (the server meant it).  Connections are opened by one task that owns
 them (trio nurseries must be left by the task that entered them), at the
 request of the worker that saw the drop.
+
+TLS: ``nbds://`` and ``nbds+unix://`` URIs, with the credentials in a folder
+of the layout libnbd (``tls-certificates``) and QEMU (``tls-creds-x509``)
+share: ``ca-cert.pem``, and ``client-cert.pem`` + ``client-key.pem`` for a
+server that checks client certificates (:func:`tls_for`).  A failed connection
+is explained in terms of what to change (:func:`connect_failure`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import os
+import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import trio
 
-from nbdfleece.client import NbdClient, NbdConnectionError, NbdError, open_client
+from nbdfleece.client import NbdClient, NbdConnectionError, NbdError, open_client, parse_uri
+from nbdfleece.errors import ConfigError
+from nbdfleece.tls import CA_CERT, CLIENT_CERT, client_context, describe_failure
 from nbdfleece_backup.errors import BackupError
 from nbdfleece_backup.progress import Progress
 
@@ -28,11 +40,79 @@ RETRIES = 4
 BACKOFF = (0.2, 0.5, 1.0, 2.0)
 
 
-def export_uri(server: str, export: str) -> str:
-    """``server`` (an NBD URI, any export) pointed at ``export``."""
+TLS_QUERY = "tls-certificates"
+"""libnbd's URI parameter naming the certificates folder."""
+
+
+@dataclass(frozen=True)
+class Tls:
+    """The client side of TLS: the context, and the folder it came from (for messages)."""
+
+    context: ssl.SSLContext
+    folder: Path
+
+
+def tls_for(server: str, certificates: Path | None) -> Tls | None:
+    """The TLS credentials for ``server``: None for ``nbd://``; ``nbds://`` needs a folder,
+    from ``--tls-certificates`` or the URI's ``tls-certificates=`` (as libnbd takes it)."""
+    try:
+        address = parse_uri(server)
+    except ValueError as exc:
+        raise BackupError(f"bad NBD address {server!r}: {exc}", 2) from None
+    if certificates is None:
+        given = urllib.parse.parse_qs(urllib.parse.urlsplit(server).query).get(TLS_QUERY)
+        certificates = Path(given[0]) if given and given[0] else None
+    if not address.tls:
+        if certificates is not None:
+            raise BackupError(f"{server} is a plaintext NBD address: TLS certificates need an nbds:// "
+                              "or nbds+unix:// address", 2)
+        return None
+    if certificates is None:
+        raise BackupError(f"{server} asks for TLS: --tls-certificates DIR must name the folder holding "
+                          f"{CA_CERT} (and {CLIENT_CERT} and client-key.pem if the server checks "
+                          "client certificates)", 2)
+    try:
+        # Over a Unix socket there is no host name to check; the CA still vouches for the server.
+        context = client_context(os.fspath(certificates), check_hostname=address.socket is None)
+    except ConfigError as exc:
+        raise BackupError(f"--tls-certificates {certificates}: {exc}", 2) from None
+    return Tls(context, certificates)
+
+
+def export_uri(server: str, export: str, tls: Tls | None = None) -> str:
+    """``server`` (an NBD URI, any export) pointed at ``export``; with ``tls``, a URI libnbd
+    tools (nbdcopy, nbdinfo) can use as it is: ``tls-certificates=`` names the folder."""
     parts = urllib.parse.urlsplit(server)
     uri = f"{parts.scheme}://{parts.netloc}/{urllib.parse.quote(export, safe='')}"
-    return f"{uri}?{parts.query}" if parts.query else uri
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+             if not (tls is not None and k == TLS_QUERY)]
+    if tls is not None:
+        query.append((TLS_QUERY, os.fspath(tls.folder.absolute())))
+    return f"{uri}?{urllib.parse.urlencode(query, safe='/')}" if query else uri
+
+
+def connect_failure(exc: NbdConnectionError, tls: Tls | None) -> str:
+    """Why a connection failed, with what to change when the cause is TLS."""
+    text = describe(exc)
+    if "the server requires TLS" in text:
+        return ("the server requires TLS: use an nbds:// (or nbds+unix://) server address and "
+                "--tls-certificates DIR")
+    if tls is None:
+        return text
+    if "certificate verify failed" in text:
+        return (f"the server's TLS certificate was refused ({describe_failure(exc)}): it must be signed "
+                f"by the CA in {tls.folder / CA_CERT} and name the host of the address")
+    # The server closes (cleanly, or with a reset when the client's next option is in flight)
+    # after refusing the certificate; a server that sends the TLS alert shows up as an "alert".
+    closed = (("closed the connection during negotiation" in text and "(starttls)" not in text)
+              or "connection lost during negotiation" in text)
+    if closed or "alert" in text.lower():
+        cert = tls.folder / CLIENT_CERT
+        mine = (f"{cert} is not signed by a CA the server trusts, or is revoked" if cert.exists()
+                else f"{tls.folder} has no {CLIENT_CERT}, and the server requires one")
+        return (f"the server closed the connection right after the TLS handshake: it probably refused "
+                f"the client certificate ({mine}); its log says why")
+    return text
 
 
 def unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -61,9 +141,10 @@ class Connections:
     """
 
     def __init__(self, server: str, export: str, *, contexts: Sequence[str] = (), count: int = 4,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, tls: Tls | None = None) -> None:
         self.server = server
         self.export = export
+        self.tls = tls
         self.contexts = tuple(contexts)
         self.count = max(1, count)
         self.progress = progress
@@ -74,20 +155,21 @@ class Connections:
 
     @property
     def uri(self) -> str:
-        return export_uri(self.server, self.export)
+        return export_uri(self.server, self.export, self.tls)
 
     @property
     def first(self) -> NbdClient:
         return self.clients[0]
 
     async def _hold(self, task_status: trio.TaskStatus[NbdClient] = trio.TASK_STATUS_IGNORED) -> None:
+        tls = self.tls.context if self.tls is not None else None
         try:
-            async with open_client(self.server, self.export, meta_contexts=self.contexts) as client:
+            async with open_client(self.server, self.export, meta_contexts=self.contexts, tls=tls) as client:
                 task_status.started(client)
                 await self._closing.wait()
         except NbdConnectionError as exc:
             raise BackupError(f"cannot connect to NBD export '{self.export}' at {self.server}: "
-                              f"{describe(exc)}") from None
+                              f"{connect_failure(exc, self.tls)}") from None
         except ValueError as exc:
             raise BackupError(f"bad NBD address {self.server!r}: {exc}", 2) from None
 
@@ -136,8 +218,9 @@ class Connections:
 
 @asynccontextmanager
 async def open_connections(server: str, export: str, *, contexts: Sequence[str] = (), count: int = 4,
-                           progress: Progress | None = None) -> AsyncIterator[Connections]:
-    conns = Connections(server, export, contexts=contexts, count=count, progress=progress)
+                           progress: Progress | None = None, tls: Tls | None = None
+                           ) -> AsyncIterator[Connections]:
+    conns = Connections(server, export, contexts=contexts, count=count, progress=progress, tls=tls)
     try:
         async with trio.open_nursery() as nursery:
             conns._nursery = nursery

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import xxhash
 
 CLUSTER = 64 << 10
 PIECE = 4 << 20
@@ -115,12 +116,24 @@ def split(offset: int, length: int, limit: int) -> list[tuple[int, int]]:
     return [(o, min(limit, offset + length - o)) for o in range(offset, offset + length, limit)]
 
 
-CHECKSUMS = ("sha256", "crc32")
-"""Per-piece checksums: sha256 (the default), or zlib's crc32, about 3x cheaper in CPU."""
+CHECKSUMS = ("xxh3-128", "sha256", "crc32")
+"""Per-piece checksums.  ``xxh3-128`` (the default for new chains) is non-cryptographic
+but a 128-bit hash with full avalanche, so a damaged piece goes unnoticed with odds of
+2**-128; it costs 0.02-0.06 CPU s per GiB against ~0.5 for sha256 and ~0.15 for crc32
+(whose 32 bits only bound random corruption to 2**-32).  sha256 stays for chains that
+want a cryptographic digest; each image records its own algorithm in the manifest."""
+
+DEFAULT_CHECKSUM = "xxh3-128"
+
+INLINE_CHECKSUMS = frozenset({"xxh3-128"})
+"""Hashed on the caller's thread: 4 MiB take 0.05-0.25 ms, no more than a hop to a worker thread."""
 
 
 def piece_checksum(algorithm: str, data: bytes | bytearray | memoryview) -> str:
-    """Blocking (releases the GIL): run it in a worker thread for large buffers."""
+    """Blocking (sha256 and crc32 release the GIL): run those in a worker thread for large
+    buffers; ``INLINE_CHECKSUMS`` are cheap enough to call anywhere."""
+    if algorithm == "xxh3-128":
+        return xxhash.xxh3_128_hexdigest(data)
     if algorithm == "sha256":
         return hashlib.sha256(data).hexdigest()
     if algorithm == "crc32":

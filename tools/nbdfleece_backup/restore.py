@@ -26,7 +26,7 @@ from nbdfleece.block.workers import run_blocking
 from nbdfleece.client import NbdClient, NbdError
 from nbdfleece.constants import AllocationState
 from nbdfleece.errors import RequestError
-from nbdfleece_backup.connections import describe, open_connections
+from nbdfleece_backup.connections import Tls, describe, open_connections, tls_for
 from nbdfleece_backup.errors import BackupError
 from nbdfleece_backup.image import STATUS_STEP, open_image, point_problems
 from nbdfleece_backup.plan import DATA, NONE, ZERO, Kinds, Piece, pieces, plan_full
@@ -77,7 +77,12 @@ async def verify_chain(folder: Folder, chain: list[Point], progress: Progress) -
 
 
 async def restore(folder_path: Path, seq: int | None, target: str, *, connections: int = 4,
-                  force: bool = False, verify: bool = True, progress: Progress) -> RestoreStats:
+                  force: bool = False, verify: bool = True, progress: Progress,
+                  tls_certificates: Path | None = None) -> RestoreStats:
+    """``tls_certificates``: for an ``nbds://`` target (see ``connections.tls_for``)."""
+    tls = tls_for(target, tls_certificates) if is_nbd(target) else None
+    if tls_certificates is not None and not is_nbd(target):
+        raise BackupError("--tls-certificates is for an nbds:// target, not a file", 2)
     async with Folder(folder_path, write=False) as folder:
         manifest = folder.manifest
         point = manifest.last if seq is None else manifest.point(seq)
@@ -91,7 +96,7 @@ async def restore(folder_path: Path, seq: int | None, target: str, *, connection
             kinds = await chain_kinds(node)
             stats = RestoreStats(point)
             if is_nbd(target):
-                await _to_nbd(node, kinds, target, connections, stats, progress)
+                await _to_nbd(node, kinds, target, connections, tls, stats, progress)
             else:
                 await _to_file(node, kinds, Path(target), force, stats, progress)
         finally:
@@ -125,11 +130,12 @@ async def _run(todo: list[Piece], workers: int, job: Callable[[int, Piece], Awai
             nursery.start_soon(worker, slot)
 
 
-async def _to_nbd(node: Qcow2Node, kinds: Kinds, uri: str, connections: int, stats: RestoreStats,
-                  progress: Progress) -> None:
+async def _to_nbd(node: Qcow2Node, kinds: Kinds, uri: str, connections: int, tls: Tls | None,
+                  stats: RestoreStats, progress: Progress) -> None:
     size = node.size
     try:
-        async with open_connections(uri, _export_of(uri), count=connections, progress=progress) as conns:
+        async with open_connections(uri, _export_of(uri), count=connections, progress=progress,
+                                    tls=tls) as conns:
             client = conns.first
             if client.read_only:
                 raise BackupError(f"NBD export '{client.export_name}' is read-only", 2)

@@ -19,7 +19,6 @@ finished by :meth:`Folder.recover`, which every command runs first.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
@@ -33,7 +32,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nbdfleece import durable
 from nbdfleece.block.workers import run_blocking
+from nbdfleece.durable import TMP_SUFFIX
+from nbdfleece.durable import fsync_dir as fsync_dir
 from nbdfleece_backup.errors import BackupError
 
 MANIFEST = "manifest.json"
@@ -41,7 +43,6 @@ LOCK = ".lock"
 FORMAT = "nbdfleece-backup"
 VERSION = 1
 IMAGE_RE = re.compile(r"point-(\d{4,})\.qcow2\Z")
-TMP_SUFFIX = ".tmp"
 
 
 def image_name(seq: int) -> str:
@@ -81,7 +82,8 @@ class Point:
     read_bitmap: str | None
     """Incremental: the frozen bitmap whose dirty extents were read."""
     checksum: str
-    """``sha256:HEX`` of the image's content (see ``image.py``), layout-independent."""
+    """``ALGORITHM:HEX`` of the image's content (see ``image.py``; ALGORITHM is the pieces' checksum,
+    one of ``plan.CHECKSUMS``), layout-independent."""
     seconds: float = 0.0
     note: str | None = None
     """Why a full backup was taken when an incremental was asked for, or what prune did."""
@@ -151,28 +153,12 @@ class Manifest:
 # -- crash-safe file helpers ------------------------------------------------------------
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the folder."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
+        durable.write_atomic(path, data)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise BackupError(describe_os_error(exc, f"cannot write {path}")) from None
-    fsync_dir(path.parent)
 
 
 def describe_os_error(exc: OSError, what: str) -> str:
