@@ -10,7 +10,9 @@ that > 1.0 always means "ours is better":
   W1*, W2, W3 (MB/s, IOPS):  ours / peer
   W0 (seconds, lower is better): peer / ours   (i.e. connect *speed* ratio)
 
-then the targets from the performance issue with PASS/MISS on the median ratio.
+then server CPU per W1/W2 run with the paired ratio peer CPU / our CPU (steadier than
+wall time on a shared machine), W3 CPU per request and latency, and the targets from the
+performance issue with PASS/MISS on the median ratio.
 Stdlib only.  Usage: core_summary.py [--ours NAME] RESULT.json
 """
 import argparse
@@ -40,6 +42,15 @@ def oriented_ratios(ours, peer, wl):
             out.append(b["value"] / a["value"])
         else:
             out.append(a["value"] / b["value"])
+    return out
+
+
+def cpu_ratios(ours, peer):
+    """Per-round peer server CPU / our server CPU (> 1.0: ours spent less)."""
+    out = []
+    for a, b in zip(ours, peer, strict=False):
+        if a.get("ok") and b.get("ok") and a.get("server_cpu") and b.get("server_cpu"):
+            out.append(b["server_cpu"] / a["server_cpu"])
     return out
 
 
@@ -76,6 +87,21 @@ def main():
         cells = [fmt(oriented_ratios(res[a.ours][w], res[p][w], w)) for p in peers]
         L.append(f"| {w} | " + " | ".join(cells) + " |")
     L.append("")
+
+    bulk = [w for w in wls if w.startswith(("W1", "W2"))]
+    if bulk:
+        names = [a.ours, *peers]
+        L.append("Server CPU seconds per run (median; the image is 1 GiB unless SIZE says otherwise), "
+                 "and the paired ratio peer CPU / our CPU (> 1.0 = we spend less). CPU moves less "
+                 "than wall time when the machine is shared:")
+        L.append("")
+        L.append("| workload | " + " | ".join(names) + " | " + " | ".join(f"vs {p}" for p in peers) + " |")
+        L.append("|---|" + "---|" * (len(names) + len(peers)))
+        for w in bulk:
+            cpus = [med(res[n][w], "server_cpu", 2) for n in names]
+            ratios = [fmt(cpu_ratios(res[a.ours][w], res[p][w])) for p in peers]
+            L.append(f"| {w} | " + " | ".join(cpus) + " | " + " | ".join(ratios) + " |")
+        L.append("")
 
     w3 = [w for w in wls if w.startswith("W3")]
     if w3:

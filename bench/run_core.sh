@@ -17,6 +17,9 @@
 #   NBDFLEECE_PYTHON  interpreter that runs nbdfleece (default: <repo>/.venv/bin/python)
 #   PEER_BENCH_PYTHON interpreter with libnbd's `nbd` module (default /usr/bin/python3)
 #   TMPBASE           where the scratch dir is created (default /dev/shm)
+#   SHARED_IMAGE      1 (default): every server serves the same image file (W2 writes
+#                     the same bytes back), so all read the same page-cache pages;
+#                     0: each server gets its own copy (the harness's default)
 #
 # Output: the harness's markdown table, then an "nbdfleece vs peers" table with
 # the per-round paired ratios and the targets (bench/core_summary.py).  Both are
@@ -42,6 +45,7 @@ SIZE=${SIZE:-1G}
 W3_SECONDS=${W3_SECONDS:-3}
 BASELINE=${BASELINE:-qemu-nbd}
 TMPBASE=${TMPBASE:-/dev/shm}
+SHARED_IMAGE=${SHARED_IMAGE:-1}
 NBDFLEECE_PYTHON=${NBDFLEECE_PYTHON:-"$repo/.venv/bin/python"}
 PEER_BENCH_PYTHON=${PEER_BENCH_PYTHON:-/usr/bin/python3}
 export NBDFLEECE_PYTHON PEER_BENCH_PYTHON
@@ -80,6 +84,14 @@ echo "run_core.sh: writing $SIZE of random data to $tmp/disk.raw ($(stat -f -c %
 head -c "$SIZE" /dev/urandom > "$tmp/disk.raw"
 mkdir "$tmp/work"
 
+# Two copies of one image made a few seconds apart read at measurably different
+# CPU cost here (up to 10 %, more as they age: page placement in the VM), which
+# would be charged to whichever server got the slower copy.
+copy_opt=()
+if [ "$SHARED_IMAGE" = 1 ]; then
+    copy_opt=(--no-copy)
+fi
+
 rev=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [ -n "$(git -C "$repo" status --porcelain --untracked-files=no -- nbdfleece 2>/dev/null)" ]; then
     rev="$rev+dirty"
@@ -89,11 +101,11 @@ fi
 # resolves to this checkout even if the venv has no editable install).
 cd "$repo"
 "$SHARED_BENCH/peer_bench.sh" \
-    --workdir "$tmp/work" --image "$tmp/disk.raw" \
+    --workdir "$tmp/work" --image "$tmp/disk.raw" "${copy_opt[@]}" \
     --runs "$RUNS" --w3-seconds "$W3_SECONDS" \
     --workloads W0,W2,W1a,W1b,W1c,W3q1,W3q16 \
     --baseline "$BASELINE" \
-    --title "nbdfleece core bench, nbdfleece $rev, $(nproc) CPUs" \
+    --title "nbdfleece core bench, nbdfleece $rev, $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), shared image=$SHARED_IMAGE" \
     --md-out "$md" --json-out "$json" \
     --server 'nbdfleece={env[NBDFLEECE_PYTHON]} -m nbdfleece serve --listen 127.0.0.1:{port} --export {export}={image} --log-level warning' \
     --server 'qemu-nbd=qemu-nbd -f raw -t -e 8 -b 127.0.0.1 -p {port} -x {export} {image}' \
