@@ -32,26 +32,13 @@ Run: ``.venv/bin/python tests/fuzz/fuzz_handshake.py tests/fuzz/corpus/handshake
 
 from __future__ import annotations
 
-import contextlib
 import random
 import struct
-import sys
 from dataclasses import dataclass
 
-try:
-    import atheris
-except ImportError:  # replaying the corpus under pytest needs no atheris
-    atheris = None
+from fuzz_harness import fuzz, instrumented  # the module beside this script
 
-
-def _instrumented() -> contextlib.AbstractContextManager[object]:
-    """Instrument nbdfleece for coverage only when run as the fuzzer."""
-    if atheris is not None and __name__ == "__main__":
-        return atheris.instrument_imports(include=["nbdfleece"])  # type: ignore[no-any-return]
-    return contextlib.nullcontext()
-
-
-with _instrumented():
+with instrumented(__name__):
     from nbdfleece import wire
     from nbdfleece.constants import (
         EXPORT_NAME_PADDING,
@@ -414,11 +401,7 @@ def TestOneInput(data: bytes) -> None:
 
 
 def main() -> None:
-    assert atheris is not None, "pip install atheris"
-    if not any(arg.startswith("-max_len=") for arg in sys.argv):
-        sys.argv.insert(1, f"-max_len={MAX_LEN}")
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    fuzz(TestOneInput, MAX_LEN)
 
 
 if __name__ == "__main__":

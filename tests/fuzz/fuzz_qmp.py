@@ -28,26 +28,14 @@ see tools/fuzz.sh.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import sys
 from typing import Any
 
-try:
-    import atheris
-except ImportError:  # replaying the corpus under pytest needs no atheris
-    atheris = None
+from fuzz_harness import fuzz, instrumented  # the module beside this script
 
-
-def _instrumented() -> contextlib.AbstractContextManager[object]:
-    """Instrument nbdfleece for coverage only when run as the fuzzer."""
-    if atheris is not None and __name__ == "__main__":
-        return atheris.instrument_imports(include=["nbdfleece"])  # type: ignore[no-any-return]
-    return contextlib.nullcontext()
-
-
-with _instrumented():
+with instrumented(__name__):
     from nbdfleece.qmp.commands import COMMANDS, PACKAGE
     from nbdfleece.qmp.protocol import (
         MAX_NESTING,
@@ -226,11 +214,7 @@ def TestOneInput(data: bytes) -> None:
 
 
 def main() -> None:
-    assert atheris is not None, "pip install atheris"
-    if not any(arg.startswith("-max_len=") for arg in sys.argv):
-        sys.argv.insert(1, f"-max_len={MAX_LEN}")
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    fuzz(TestOneInput, MAX_LEN)
 
 
 if __name__ == "__main__":

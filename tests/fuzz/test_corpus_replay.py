@@ -23,6 +23,8 @@ def load_target(target: str) -> ModuleType:
     name = f"fuzz_{target}"
     if name in sys.modules:
         return sys.modules[name]
+    if str(HERE) not in sys.path:  # the targets import fuzz_harness from beside them, as scripts do
+        sys.path.insert(0, str(HERE))
     spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
