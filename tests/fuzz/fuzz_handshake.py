@@ -32,11 +32,10 @@ Run: ``.venv/bin/python tests/fuzz/fuzz_handshake.py tests/fuzz/corpus/handshake
 
 from __future__ import annotations
 
-import random
 import struct
 from dataclasses import dataclass
 
-from fuzz_harness import fuzz, instrumented  # the module beside this script
+from fuzz_harness import fuzz, instrumented, pieces  # the module beside this script
 
 with instrumented(__name__):
     from nbdfleece import wire
@@ -135,17 +134,8 @@ class ClientOption:
     too_big: bool = False
 
 
-def pieces(seed: int, data: bytes) -> list[bytes]:
-    """Cut ``data`` the way a network might (seed 0: in one piece)."""
-    if seed == 0:
-        return [data]
-    rng = random.Random(seed)
-    out, pos = [], 0
-    while pos < len(data):
-        n = rng.randint(1, rng.choice((1, 3, 16, 64, 4096)))
-        out.append(data[pos : pos + n])
-        pos += n
-    return out
+PIECE_SIZES = (1, 3, 16, 64, 4096)
+"""The longest pieces the stream is cut into (see fuzz_harness.pieces)."""
 
 
 def read_client(stream: bytes) -> tuple[int | None, list[ClientOption], str | None]:
@@ -305,7 +295,7 @@ def exchange(seed: int, stream: bytes, tls: TlsCase) -> tuple[ServerHandshake, o
     """Drive the core as the server does; (core, final event, server bytes, unfed bytes)."""
     hs = ServerHandshake(DIRECTORY, tls.policy)
     out = bytearray(hs.data_to_send())
-    parts = pieces(seed, stream)
+    parts = pieces(seed, stream, PIECE_SIZES)
     event: object = NEED_DATA
     while True:
         event = hs.next_event()

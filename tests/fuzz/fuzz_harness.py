@@ -9,8 +9,9 @@ instrumented.
 from __future__ import annotations
 
 import contextlib
+import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 try:
     import atheris
@@ -32,3 +33,17 @@ def fuzz(test_one_input: Callable[[bytes], None], max_len: int) -> None:
         sys.argv.insert(1, f"-max_len={max_len}")
     atheris.Setup(sys.argv, test_one_input)
     atheris.Fuzz()
+
+
+def pieces(seed: int, data: bytes, sizes: Sequence[int]) -> list[bytes]:
+    """Cut ``data`` the way a network might (seed 0: in one piece); a piece is at
+    most one of ``sizes`` long."""
+    if seed == 0:
+        return [data]
+    rng = random.Random(seed)
+    out, pos = [], 0
+    while pos < len(data):
+        n = rng.randint(1, rng.choice(sizes))
+        out.append(data[pos : pos + n])
+        pos += n
+    return out

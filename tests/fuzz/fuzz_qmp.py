@@ -29,11 +29,10 @@ see tools/fuzz.sh.
 from __future__ import annotations
 
 import json
-import random
 import sys
 from typing import Any
 
-from fuzz_harness import fuzz, instrumented  # the module beside this script
+from fuzz_harness import fuzz, instrumented, pieces  # the module beside this script
 
 with instrumented(__name__):
     from nbdfleece.qmp.commands import COMMANDS, PACKAGE
@@ -53,17 +52,8 @@ WHITESPACE = " \t\r\n"
 SCALAR_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+-.")
 
 
-def pieces(seed: int, data: bytes) -> list[bytes]:
-    """Cut ``data`` the way a network might (seed 0: in one piece)."""
-    if seed == 0:
-        return [data]
-    rng = random.Random(seed)
-    out, pos = [], 0
-    while pos < len(data):
-        n = rng.randint(1, rng.choice((1, 5, 64, 1024, 8192)))
-        out.append(data[pos : pos + n])
-        pos += n
-    return out
+PIECE_SIZES = (1, 5, 64, 1024, 8192)
+"""The longest pieces the stream is cut into (see fuzz_harness.pieces)."""
 
 
 def _reject(name: str) -> Any:
@@ -131,7 +121,7 @@ def run(seed: int, max_message: int, stream: bytes) -> tuple[bytes, list[tuple[i
     out = bytearray(session.data_to_send())
     executes: list[tuple[int, Execute]] = []
     event: object = NEED_DATA
-    for piece in pieces(seed, stream):
+    for piece in pieces(seed, stream, PIECE_SIZES):
         session.receive_data(piece)
         while True:
             event = session.next_event()
