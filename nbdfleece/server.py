@@ -59,7 +59,7 @@ from nbdfleece.errors import ProtocolError, RequestError, error_message, nbd_err
 from nbdfleece.exports import Export, ExportRegistry
 from nbdfleece.extents import shape
 from nbdfleece.handshake import NEED_DATA, Closed, Negotiated, ServerHandshake, StartTLS
-from nbdfleece.tls import DistinguishedName, ServerTls, TlsMode, describe_failure
+from nbdfleece.tls import DistinguishedName, ServerTls, TlsMode, describe_failure, queued_alert
 from nbdfleece.transmission import (
     Buffer,
     ExportState,
@@ -564,6 +564,11 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.warning("conn %d: TLS handshake with %s failed: %s; refused",
                         self.id, self.peer, describe_failure(exc))
+            if alert := queued_alert(stream):  # the client learns why (trio does not send it)
+                with trio.move_on_after(TLS_CLOSE_TIMEOUT) as scope:
+                    scope.shield = True
+                    with contextlib.suppress(OSError):
+                        await send_all(self.fd, [alert])
             return False
         peer = DistinguishedName.from_peercert(stream.getpeercert())
         self.tls = stream

@@ -464,6 +464,21 @@ def load_creds_object(object_id: str, qom_type: str, directory: str, endpoint: s
     return TlsCredsObject(object_id, qom_type, endpoint, directory, server)
 
 
+def queued_alert(stream: object) -> bytes:
+    """The TLS alert OpenSSL queued when a server-side handshake failed, or b"".
+
+    trio's ``SSLStream`` (0.35; python-trio/trio#3413) raises on a failed
+    handshake without sending what OpenSSL left in its outgoing memory BIO --
+    the alert saying why (TLS 1.3 ``certificate_required``, ``unknown_ca``,
+    ``certificate_revoked``...) -- so the client would see a bare TCP close.
+    The BIO is a private attribute: when it is not there, b"" (a bare close).
+    """
+    outgoing = getattr(stream, "_outgoing", None)
+    if isinstance(outgoing, ssl.MemoryBIO) and outgoing.pending:
+        return outgoing.read()
+    return b""
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return f"{exc.reason} ({exc.library})" if exc.library else str(exc.reason)

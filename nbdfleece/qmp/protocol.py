@@ -40,9 +40,13 @@ order, before the next :class:`Execute` is returned.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import re
+import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +56,12 @@ MAX_MESSAGE = 1 << 20
 """Largest JSON value accepted from a client, in bytes."""
 MAX_NESTING = 1024
 """Deepest nesting of objects and arrays accepted (QEMU's MAX_NESTING)."""
+_SHALLOW = 256
+"""Values with at most this many ``[`` and ``{`` parse within the default recursion limit."""
+_RECURSION_HEADROOM = MAX_NESTING + 64
+"""Extra recursion allowed around ``json``: its C scanner and encoder spend one level per
+nesting level, and the default limit (1000) counts the caller's frames as well."""
+_RECURSION_LOCK = threading.Lock()
 MAX_SKIP = 64 << 20
 """After an oversized message, bytes skipped looking for a newline before giving up."""
 
@@ -106,13 +116,41 @@ def parse_json(raw: bytes) -> Message | DecodeError:
     except UnicodeDecodeError:
         return DecodeError("JSON parse error, invalid UTF-8 sequence")
     try:
-        return Message(json.loads(text, parse_constant=_reject_constant))
+        return Message(_loads(text, raw.count(b"[") + raw.count(b"{")))
     except json.JSONDecodeError as exc:
         return DecodeError(f"JSON parse error, {exc.msg[:1].lower()}{exc.msg[1:]}")
     except ValueError as exc:
         return DecodeError(f"JSON parse error, {exc}")
     except RecursionError:
         return DecodeError("JSON nesting depth limit exceeded")
+
+
+@contextlib.contextmanager
+def nesting_allowance() -> Iterator[None]:
+    """Let ``json`` parse and encode MAX_NESTING levels, which the default
+    recursion limit (1000, less the caller's frames) does not allow.
+
+    The limit is raised by a bounded amount only for the duration, so deeper
+    data still ends in RecursionError (a few thousand C frames of the scanner,
+    far within the thread's stack), never in a crash; the lock keeps two
+    threads from restoring each other's raised limit.
+    """
+    with _RECURSION_LOCK:
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(limit + _RECURSION_HEADROOM)
+        try:
+            yield
+        finally:
+            sys.setrecursionlimit(limit)
+
+
+def _loads(text: str, brackets: int) -> JSON:
+    """``json.loads``; ``brackets`` bounds the depth, so shallow values (nearly all)
+    skip the recursion allowance."""
+    if brackets <= _SHALLOW:
+        return json.loads(text, parse_constant=_reject_constant)
+    with nesting_allowance():
+        return json.loads(text, parse_constant=_reject_constant)
 
 
 class MessageDecoder:
@@ -306,8 +344,13 @@ def version_info(package: str) -> dict[str, JSON]:
 
 
 def encode(obj: JSON) -> bytes:
-    """One line of QMP output."""
-    return json.dumps(obj).encode() + b"\n"
+    """One line of QMP output; a reply may echo an ``id`` nested up to MAX_NESTING."""
+    try:
+        return json.dumps(obj).encode() + b"\n"
+    except RecursionError:
+        pass
+    with nesting_allowance():
+        return json.dumps(obj).encode() + b"\n"
 
 
 def error_object(error_class: str, desc: str) -> dict[str, JSON]:

@@ -19,6 +19,7 @@ import ipaddress
 import itertools
 import logging
 import os
+import reprlib
 import socket as _stdsocket
 import stat
 import weakref
@@ -43,6 +44,12 @@ DRAIN_GRACE = 5.0
 
 _command_locks: weakref.WeakKeyDictionary[Daemon, trio.Lock] = weakref.WeakKeyDictionary()
 _client_ids = itertools.count(1)
+
+_ARGS_REPR = reprlib.Repr()
+"""Logs a command's arguments bounded: they may be 1 MiB or nested 1024 deep,
+beyond what ``repr`` recurses into."""
+_ARGS_REPR.maxlevel, _ARGS_REPR.maxdict, _ARGS_REPR.maxlist = 16, 64, 64
+_ARGS_REPR.maxstring = _ARGS_REPR.maxother = 256
 
 
 def command_lock(daemon: Daemon) -> trio.Lock:
@@ -241,7 +248,8 @@ class Monitor:
                 if isinstance(event, Closed):
                     log.warning("qmp %d: %s; disconnecting", cid, event.reason)
                     return
-                log.debug("qmp %d: -> %s %s", cid, event.command, event.arguments)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("qmp %d: -> %s %s", cid, event.command, _ARGS_REPR.repr(event.arguments))
                 with trio.CancelScope(shield=True):  # a command runs to completion
                     async with self.lock:
                         try:

@@ -423,6 +423,12 @@ def test_bad_input_on_the_wire_and_the_session_goes_on(qmp_server: Path) -> None
     # 2 MiB on one line: refused, skipped to the newline, and the session goes on.
     client.send(b'{"execute": "query-version", "arguments": {"pad": "' + b"x" * (2 * MiB) + b'"}}\n')
     assert client.receive() == generic("JSON message too large")
+    # QEMU's nesting limit: 1024 levels of [ and { reach the command, 1025 are refused.
+    for levels, reply in ((1024, generic("Parameter 'a' is unexpected")),
+                          (1025, generic("JSON nesting depth limit exceeded"))):
+        inner = b"[" * (levels - 2) + b"]" * (levels - 2)
+        client.send(b'{"execute": "query-version", "arguments": {"a": ' + inner + b"}}\n")
+        assert client.receive() == reply
     # Several messages in one packet, split anywhere: answered in order.
     client.send(b'{"execute": "query-version", "id": 1}\n{"execute": "query-comm')
     client.send(b'ands", "id": 2}  {"execute": "nosuch", "id": 3}\n')

@@ -321,6 +321,49 @@ def test_allow_lists(server_factory: Any, tmp_path: Path, pki: Pki) -> None:
         assert (opt, rep) == (OPT_GO, 0x80000002) and b"not allowed" in message
 
 
+def strict_starttls(server: ServerProcess, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    """STARTTLS, then TLS that tells a close_notify (recv gives b"") from a bare TCP
+    close (SSLEOFError), and raises a TLS alert the server sent as an SSLError."""
+    sock = greet(server)
+    sock.sendall(option(OPT_STARTTLS))
+    assert read_reply(sock) == (OPT_STARTTLS, REP_ACK, b"")
+    sock.settimeout(15)
+    ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF  # set by default with OpenSSL 3
+    return ctx.wrap_socket(sock, server_hostname="127.0.0.1", suppress_ragged_eofs=False)
+
+
+def test_policy_refusal_by_export_name_ends_with_close_notify(
+    server_factory: Any, tmp_path: Path, pki: Pki
+) -> None:
+    """EXPORT_NAME cannot be answered with an error: the refusal of a subject not on
+    the allow-list is an orderly TLS shutdown (close_notify), and the log says why."""
+    make_image(tmp_path / "live.raw", MiB)
+    server: ServerProcess = server_factory(
+        "--tls-creds-dir", str(pki.server),
+        "--export", f"live={tmp_path / 'live.raw'},tls-allow=CN=backup-agent")
+    with strict_starttls(server, pki.context("intruder")) as tls:
+        tls.sendall(option(OPT_EXPORT_NAME, b"live"))
+        assert tls.recv(4096) == b""  # close_notify; a bare close raises SSLEOFError
+    wait_for_log(server, "'CN=intruder,O=nbdfleece test' is not allowed to use export 'live'")
+
+
+@pytest.mark.parametrize(("client", "alert", "logged"), [
+    (None, "CERTIFICATE_REQUIRED", "PEER_DID_NOT_RETURN_A_CERTIFICATE"),
+    ("rogue", "UNKNOWN_CA", "certificate verify failed"),
+])
+def test_certificate_refusal_reaches_the_client_as_a_tls_alert(
+    tls_server: ServerProcess, pki: Pki, client: str | None, alert: str, logged: str
+) -> None:
+    """OpenSSL's alert is sent before the server closes, so the client learns why
+    instead of seeing the connection drop (TLS 1.3: the client's handshake is
+    already over when the server checks its certificate)."""
+    with strict_starttls(tls_server, pki.context(client)) as tls:
+        tls.sendall(option(OPT_LIST))
+        with pytest.raises(ssl.SSLError, match=alert):
+            tls.recv(4096)
+    wait_for_log(tls_server, logged)
+
+
 def test_revoked_client_certificate_is_refused(server_factory: Any, tmp_path: Path, pki: Pki) -> None:
     """``ca-crl.pem`` in the credentials folder (QEMU's layout) revokes certificates."""
     require("nbdinfo")

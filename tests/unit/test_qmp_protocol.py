@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ from nbdfleece.qmp.protocol import (
     Message,
     MessageDecoder,
     QmpSession,
+    parse_json,
 )
 from nbdfleece.qmp.schema import (
     BOOL,
@@ -144,6 +146,74 @@ def test_nesting_limit() -> None:
     d = MessageDecoder(max_depth=10)
     d.feed(b"[" * 11 + b"]" * 11 + b"\n[[1]]\n")
     assert values(drain(d)) == [DecodeError("JSON nesting depth limit exceeded"), [[1]]]
+
+
+def nesting_depth(value: Any) -> int:
+    """Nesting depth of objects and arrays: the QMP fuzz target's own counter."""
+    from tests.fuzz.test_corpus_replay import load_target
+
+    return int(load_target("qmp").depth(value))
+
+
+def nested_request(depth: int) -> bytes:
+    """A request whose objects and arrays nest ``depth`` levels (QEMU counts both)."""
+    if depth == 1:
+        return b'{"execute": "deep"}\n'
+    inner = b"[" * (depth - 2) + b"]" * (depth - 2)
+    return b'{"execute": "deep", "arguments": {"a": ' + inner + b"}}\n"
+
+
+@pytest.mark.parametrize("depth", [1, 1000, 1024])
+def test_nesting_up_to_qemus_limit_reaches_the_dispatcher(depth: int) -> None:
+    """QEMU 7.2 (json-streamer.c MAX_NESTING) accepts 1024 levels; json's own
+    recursion limit used to refuse from about 990."""
+    session = QmpSession("p")
+    feed(session, {"execute": "qmp_capabilities"})
+    session.data_to_send()
+    session.receive_data(nested_request(depth))
+    event = session.next_event()
+    assert isinstance(event, Execute) and event.command == "deep"
+    assert nesting_depth({"execute": "deep", "arguments": event.arguments} if depth > 1 else {}) == depth
+    assert replies(session) == []
+
+
+def test_an_id_nested_to_the_limit_is_echoed() -> None:
+    """The reply echoes the id, so encoding must reach MAX_NESTING levels as well."""
+    session = QmpSession("p")
+    session.data_to_send()
+    deep_id = b"[" * 1023 + b"7" + b"]" * 1023
+    session.receive_data(b'{"execute": "qmp_capabilities", "id": ' + deep_id + b"}\n")
+    assert session.next_event() is NEED_DATA
+    (reply,) = session.data_to_send().splitlines()
+    assert reply == b'{"return": {}, "id": ' + deep_id + b"}"
+
+
+@pytest.mark.parametrize("depth", [1025, 100000])
+def test_nesting_beyond_qemus_limit_is_refused_and_the_session_goes_on(depth: int) -> None:
+    limit = sys.getrecursionlimit()
+    session = QmpSession("p")
+    feed(session, {"execute": "qmp_capabilities"})
+    session.data_to_send()
+    session.receive_data(nested_request(depth) + b'{"execute": "after", "id": 2}\n')
+    event = session.next_event()
+    assert isinstance(event, Execute) and (event.command, event.id) == ("after", 2)
+    assert replies(session) == [
+        {"error": {"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}},
+    ]
+    assert sys.getrecursionlimit() == limit
+
+
+@pytest.mark.parametrize("depth", [1024, 100000])
+def test_parse_json_alone_never_overflows(depth: int) -> None:
+    """parse_json called without the decoder's depth check still ends in an error
+    (a bounded recursion allowance), and leaves the recursion limit as it was."""
+    limit = sys.getrecursionlimit()
+    result = parse_json(b"[" * depth + b"]" * depth)
+    if depth <= 1024:
+        assert isinstance(result, Message) and nesting_depth(result.value) == depth
+    else:
+        assert result == DecodeError("JSON nesting depth limit exceeded")
+    assert sys.getrecursionlimit() == limit
 
 
 # -- the session -------------------------------------------------------------------------
