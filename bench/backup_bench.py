@@ -2,7 +2,8 @@
 """Backup agent benchmark (run by run_backup.sh): full backup vs nbdcopy, incremental vs reading it all.
 
 One nbdfleece server exports a sparse raw disk (half of it random data, in
-8 MiB runs every other 8 MiB) with a QMP monitor.  Per round, in rotating order:
+8 MiB runs every other 8 MiB) with a QMP monitor.  After one untimed full backup
+(warm-up), per round, in rotating order:
 
   full      ``nbdfleece-backup full`` into an empty folder (whole command, wall time),
             with xxh3-128 pieces (the default), ``--checksum sha256`` and ``--checksum crc32``
@@ -123,8 +124,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--ab", type=Path, metavar="DIR",
-                    help="a folder holding another nbdfleece_backup package (e.g. from git archive): "
-                    "its full backup with sha256 joins the rounds as 'sha256-ab'")
+                    help="a folder holding another nbdfleece_backup package (e.g. from git archive), "
+                    "and maybe an nbdfleece package (then its NBD client is used): its full backup joins "
+                    "the rounds as '<--ab-checksum>-ab'")
+    ap.add_argument("--ab-checksum", default="sha256", help="the piece checksum of the A/B full backup")
+    ap.add_argument("--checksums", default="xxh3-128,sha256,crc32",
+                    help="comma-separated piece checksums of the full backups in each round")
     args = ap.parse_args()
     py = args.python
     scratch: Path = args.scratch
@@ -147,8 +152,15 @@ def main() -> None:
             if qmp.exists():
                 break
             time.sleep(0.05)
+        # -- warm-up: the first backup after the disk was written ran 1.5-3x slower than the
+        # later ones (page cache, server start), and it was always round 0's first variant.
+        warm = scratch / "warm-up"
+        timed([*agent, "full", "--quiet", "--server", nbd, "--qmp", str(qmp), "--export", "live",
+               "--to", str(warm)])
+        shutil.rmtree(warm)
         # -- full backup (xxh3-128, sha256 and crc32 pieces) vs nbdcopy of a snapshot -------
-        variants = ["xxh3-128", "sha256", "crc32", "nbdcopy"] + (["sha256-ab"] if args.ab else [])
+        ab_variant = f"{args.ab_checksum}-ab"
+        variants = [*args.checksums.split(","), "nbdcopy"] + ([ab_variant] if args.ab else [])
         ours_variants = [v for v in variants if v != "nbdcopy"]
         for r in range(args.rounds):
             k = r % len(variants)

@@ -17,9 +17,13 @@
 #   OUT               results folder (default <repo>/bench/results)
 #   TMPBASE           where the scratch folder is made (default /dev/shm)
 #   NBDFLEECE_PYTHON  interpreter with nbdfleece installed (default <repo>/.venv/bin/python)
-#   AB                a git revision: its nbdfleece_backup (git archive into the scratch
-#                     folder) joins the full-backup rounds as 'sha256-ab' (A/B in the same
-#                     rounds; the server and the rest of nbdfleece are this checkout's)
+#   AB                a git revision: its nbdfleece_backup and its nbdfleece package (git
+#                     archive into the scratch folder; the agent imports them first, so the
+#                     NBD client is that revision's too) join the full-backup rounds as
+#                     '<AB_CHECKSUM>-ab' (A/B in the same rounds; the server is this checkout's)
+#   AB_CHECKSUM       piece checksum of the A/B full backup (default sha256)
+#   CHECKSUMS         piece checksums of this checkout's full backups (default
+#                     xxh3-128,sha256,crc32)
 #
 # Output: $OUT/backup-<stamp>.json (every round and the medians) and .log.
 set -euo pipefail
@@ -32,6 +36,8 @@ TMPBASE=${TMPBASE:-/dev/shm}
 SIZE=${SIZE:-$((4 << 30))}
 NBDFLEECE_PYTHON=${NBDFLEECE_PYTHON:-"$repo/.venv/bin/python"}
 AB=${AB:-}
+AB_CHECKSUM=${AB_CHECKSUM:-sha256}
+CHECKSUMS=${CHECKSUMS:-xxh3-128,sha256,crc32}
 
 command -v nbdcopy >/dev/null || { echo "missing: nbdcopy" >&2; exit 1; }
 [ -x "$NBDFLEECE_PYTHON" ] || { echo "missing: $NBDFLEECE_PYTHON" >&2; exit 1; }
@@ -58,11 +64,17 @@ trap 'rm -rf "$scratch"' EXIT
     ab=()
     if [ -n "$AB" ]; then
         mkdir "$scratch/ab"
-        git -C "$repo" archive "$AB" tools/nbdfleece_backup | tar -x -C "$scratch/ab"
-        echo "A/B: sha256-ab is nbdfleece_backup of $AB ($(git -C "$repo" rev-parse --short "$AB"))"
-        ab=(--ab "$scratch/ab/tools")
+        git -C "$repo" archive "$AB" tools/nbdfleece_backup nbdfleece | tar -x -C "$scratch/ab"
+        mv "$scratch/ab/nbdfleece" "$scratch/ab/tools/"
+        echo "A/B: $AB_CHECKSUM-ab is nbdfleece_backup + nbdfleece of $AB ($(git -C "$repo" rev-parse --short "$AB"))"
+        ab=(--ab "$scratch/ab/tools" --ab-checksum "$AB_CHECKSUM")
     fi
+    # Bytecode, as an installed package has it: an editable install run with
+    # PYTHONDONTWRITEBYTECODE (this workplace sets it) recompiles nbdfleece at
+    # every start, about 0.1 s of each timed backup command.
+    "$NBDFLEECE_PYTHON" -m compileall -q "$repo/nbdfleece" "$repo/tools/nbdfleece_backup" \
+        ${AB:+"$scratch/ab/tools"} >/dev/null
     "$NBDFLEECE_PYTHON" "$here/backup_bench.py" --scratch "$scratch" --size "$SIZE" --rounds "$RUNS" \
-        --out "$OUT/backup-$stamp.json" --python "$NBDFLEECE_PYTHON" "${ab[@]}"
+        --out "$OUT/backup-$stamp.json" --python "$NBDFLEECE_PYTHON" --checksums "$CHECKSUMS" "${ab[@]}"
     echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 } 2>&1 | tee "$OUT/backup-$stamp.log"
