@@ -174,6 +174,8 @@ def test_full_and_three_incrementals_with_writers(server_factory: Factory, tmp_p
         copies.append(copy)
     points = manifest(folder)["points"]
     assert [p["kind"] for p in points] == ["full", "incremental", "incremental", "incremental"]
+    for p in points:  # the data path is timed on its own, within the whole backup
+        assert 0 < p["copy_seconds"] <= p["seconds"], p
     for p in points[1:]:
         # An incremental reads only what its frozen bitmap reported dirty (whole 64 KiB clusters).
         assert 0 < p["bytes_read"] <= p["dirty_bytes"] < SIZE, p

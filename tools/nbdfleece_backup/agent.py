@@ -153,14 +153,17 @@ async def _backup(folder: Folder, server: ServerSide, opts: BackupOptions, tls: 
         final = folder.image_path(image_name(seq))
         backing = last.file if kind == "incremental" and last is not None else None
         writer = ImageWriter(final, server.size, backing, opts.checksum)
+        copy_started = time.monotonic()
         stats = await copy_snapshot(opts, tls, snap, writer, progress)
         image_size = await writer.commit()
+        copy_seconds = round(time.monotonic() - copy_started, 3)
         point = Point(
             seq=seq, kind=kind, file=final.name, backing=backing, snapshot_time=snapshot_time,
             finished=now_iso(), disk_size=server.size, image_size=image_size,
             bytes_read=stats.bytes_read, data_bytes=stats.data_bytes, zero_bytes=stats.zero_bytes,
             dirty_bytes=stats.dirty_bytes, bitmap=snap.new_bitmap, read_bitmap=old,
-            checksum=writer.digest.hexdigest(), seconds=round(time.monotonic() - started, 3), note=note,
+            checksum=writer.digest.hexdigest(), seconds=round(time.monotonic() - started, 3),
+            copy_seconds=copy_seconds, note=note,
         )
         manifest.points.append(point)
         manifest.next_seq = seq + 1
@@ -340,7 +343,8 @@ def summary(point: Point) -> str:
     lines.append(f"  read: {human(read)} over NBD ({read / point.disk_size:.2%} of the disk); "
                  f"stored {human(point.data_bytes)} of data, {human(point.zero_bytes)} as zero clusters")
     lines.append(f"  image: {human(point.image_size)}; time {point.seconds:.2f} s, "
-                 f"throughput {rate(read, point.seconds)}")
+                 f"throughput {rate(read, point.seconds)} (data path {point.copy_seconds:.2f} s, "
+                 f"{rate(read, point.copy_seconds)})")
     if point.note:
         lines.append(f"  note: {point.note}")
     return "\n".join(lines)

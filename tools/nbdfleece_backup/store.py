@@ -85,6 +85,9 @@ class Point:
     """``ALGORITHM:HEX`` of the image's content (see ``image.py``; ALGORITHM is the pieces' checksum,
     one of ``plan.CHECKSUMS``), layout-independent."""
     seconds: float = 0.0
+    copy_seconds: float = 0.0
+    """Of ``seconds``, the data path alone: NBD connections opened, block status, reads,
+    image written and committed (what ``nbdcopy`` of the snapshot does)."""
     note: str | None = None
     """Why a full backup was taken when an incremental was asked for, or what prune did."""
 
