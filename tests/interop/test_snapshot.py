@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import random
 import resource
 import shutil
@@ -360,7 +361,11 @@ def dirty(runs: list[tuple[int, int, int]]) -> npt.NDArray[np.bool_]:
     return out
 
 
-@pytest.mark.parametrize("seed", [11, 22])
+STRESS_SEEDS = [int(s) for s in os.environ.get("NBDFLEECE_STRESS_SEEDS", "11,22").split(",")]
+"""More rounds: NBDFLEECE_STRESS_SEEDS=1,2,3,... (each seed runs on disk and on tmpfs)."""
+
+
+@pytest.mark.parametrize("seed", STRESS_SEEDS)
 def test_snapshot_under_concurrent_writers(
     server_factory: Any, tmp_path: Path, short_dir: Path, seed: int, where: tuple[Path, str]
 ) -> None:
