@@ -374,14 +374,16 @@ class Daemon:
         self.graph.nodes[name] = node
         return node
 
-    def add_snapshot_access(self, name: str, file: GraphNode) -> GraphNode:
+    def add_snapshot_access(self, name: str, file: GraphNode, *, discard: bool = False) -> GraphNode:
         """``blockdev-add driver=snapshot-access``: the point-in-time view of a
-        copy-before-write node, read-only."""
+        copy-before-write node.  Exported writable, it takes TRIM as a snapshot
+        discard when ``discard`` (QEMU's ``discard: unmap``), see ``SnapshotView``."""
         cbw = self._filters.get(file.name)
         if cbw is None:
             raise ControlError(f"Node '{file.name}' is not a copy-before-write filter")
         self.graph._check_new_name(name)
-        node = GraphNode(name, "snapshot-access", DirtyTracking(name, SnapshotView(name, cbw)),
+        view = SnapshotView(name, cbw, access=True, discard=discard)
+        node = GraphNode(name, "snapshot-access", DirtyTracking(name, view),
                          children=[file])
         file.users += 1
         self.graph.nodes[name] = node

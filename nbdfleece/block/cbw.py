@@ -506,6 +506,39 @@ class CopyBeforeWrite(Layer):
         finally:
             self.locks.release(key)
 
+    async def snapshot_discard(self, offset: int, length: int) -> None:
+        """The reader is done with a range (QEMU's snapshot discard): the clusters
+        wholly inside it leave the snapshot -- no more copies before guest writes,
+        reads of them refused from now on -- and their copies in the target are
+        discarded, which frees the overlay's space for what is already backed up.
+
+        Aligned inward to the cluster, as QEMU does; a range that holds no whole
+        cluster changes nothing (QEMU 7.2 aborts on one).  The last cluster
+        counts as whole when the range reaches the end of the disk.
+        """
+        self._check_broken()
+        end = offset + length
+        lo = -(-offset // self.cluster)
+        hi = (end // self.cluster) if end < self.size else self.pending.size
+        if hi <= lo:
+            return
+        key = await self.locks.acquire(lo, hi - 1, exclusive=True)
+        try:
+            if self.access is None:
+                self.access = np.ones(self.pending.size, dtype=bool)
+            self.access[lo:hi] = False
+            self._skip(lo, hi)
+            copied = bool(self.done[lo:hi].any())
+            self.done[lo:hi] = False
+            if copied:
+                start, stop = self._bytes(lo, hi)
+                try:
+                    await self.target.trim(start, stop - start)
+                except OSError as exc:  # the space stays used; the snapshot is as consistent
+                    log.warning("discarding %d bytes of %s failed: %s", stop - start, self.target.name, exc)
+        finally:
+            self.locks.release(key)
+
     async def snapshot_status(self, offset: int, length: int) -> list[Extent]:
         """``base:allocation`` of the view: the source's status for uncopied clusters."""
         self._check_broken()
@@ -523,11 +556,20 @@ class CopyBeforeWrite(Layer):
 
 
 class SnapshotView(BlockNode):
-    """The read-only point-in-time view served by a snapshot export."""
+    """The point-in-time view served by a snapshot export.
 
-    def __init__(self, name: str, cbw: CopyBeforeWrite) -> None:
+    As a ``snapshot-access`` node (``access=True``) it may be exported writable,
+    as QEMU's: writes are refused (ENOTSUP) and a TRIM is a snapshot discard
+    when the node was added with ``discard: unmap`` (QEMU's default ``ignore``
+    accepts TRIM and does nothing).  Elsewhere it is read-only.
+    """
+
+    def __init__(self, name: str, cbw: CopyBeforeWrite, *, access: bool = False,
+                 discard: bool = False) -> None:
         super().__init__(name)
         self.cbw = cbw
+        self.access = access
+        self.discard = discard
 
     @property
     def size(self) -> int:
@@ -535,7 +577,7 @@ class SnapshotView(BlockNode):
 
     @property
     def read_only(self) -> bool:
-        return True
+        return not self.access
 
     @property
     def can_fast_zero(self) -> bool:
@@ -545,16 +587,24 @@ class SnapshotView(BlockNode):
         await self.cbw.snapshot_read(offset, buf)
         return [Segment(0, len(buf), False)]
 
+    def _refuse(self) -> OSError:
+        if self.access:  # QEMU's snapshot-access: only reads and discards
+            return OSError(errno.ENOTSUP, "a snapshot can only be read or discarded")
+        return OSError(errno.EROFS, "snapshot is read-only")
+
     async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
-        raise OSError(errno.EROFS, "snapshot is read-only")
+        raise self._refuse()
 
     async def write_zeroes(
         self, offset: int, length: int, *, may_trim: bool, fua: bool = False, fast: bool = False
     ) -> None:
-        raise OSError(errno.EROFS, "snapshot is read-only")
+        raise self._refuse()
 
     async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
-        raise OSError(errno.EROFS, "snapshot is read-only")
+        if not self.access:
+            raise self._refuse()
+        if self.discard:
+            await self.cbw.snapshot_discard(offset, length)
 
     async def flush(self) -> None:
         """Nothing to flush: the view never writes."""

@@ -305,7 +305,9 @@ def commit(undo: Undo) -> None:
 
 BLOCKDEV_OPTIONS = Union(
     "BlockdevOptions", "driver",
-    base={"*node-name": STR, "*read-only": BOOL},
+    base={"*node-name": STR, "*read-only": BOOL,
+          # Only snapshot-access acts on it (TRIM as snapshot discard); see protocol/qmp.md.
+          "*discard": Enum("BlockdevDiscardOptions", ("ignore", "unmap"))},
 )
 BLOCKDEV_REF = Alternate("BlockdevRef", string=STR, obj=BLOCKDEV_OPTIONS)
 BLOCKDEV_OPTIONS.branches = {
@@ -397,7 +399,7 @@ def _open_node(daemon: Daemon, options: Args, created: list[GraphNode], *,
                                        bitmap=_cbw_bitmap(daemon, options.get("bitmap")),
                                        cbw_timeout=options.get("cbw-timeout", 0))
         elif options["driver"] == "snapshot-access":
-            node = daemon.add_snapshot_access(name, child)
+            node = daemon.add_snapshot_access(name, child, discard=options.get("discard") == "unmap")
         else:
             node = graph.add_raw(name, child, read_only=read_only)
     node.implicit = implicit

@@ -371,3 +371,81 @@ def test_cbw_timeout(tmp_path: Path, policy: str) -> None:
         assert first.returncode == 0 and "wrote 4096/4096" in first.stdout
         assert "read failed: Input/output error" in snapshot.stdout + snapshot.stderr
     assert live.read_bytes()[1 << 20 : (1 << 20) + 4096] == b"\x56" * 4096
+
+
+async def discard_scenario(sock: Path, live: Path, target: Path, port: int) -> dict[str, Any]:
+    """A writable export of ``snapshot-access``: TRIM is a snapshot discard with
+    ``discard: unmap`` (QEMU 7.2, checked with qemu-storage-daemon: discarded
+    clusters then read as EINVAL, writes get ENOTSUP), a no-op without it."""
+    client = QMP.QMPClient("discard-test")
+    await client.connect(str(sock))
+    x = client.execute
+    uri = f"nbd://127.0.0.1:{port}"
+    out: dict[str, Any] = {}
+    await x("blockdev-add", {"driver": "file", "node-name": "live-file", "filename": str(live)})
+    await x("blockdev-add", {"driver": "raw", "node-name": "live", "file": "live-file"})
+    await x("blockdev-add", {"driver": "qcow2", "node-name": "fleece",
+                             "file": {"driver": "file", "filename": str(target)}})
+    await x("blockdev-add", {"driver": "copy-before-write", "node-name": "cbw", "file": "live",
+                             "target": "fleece"})
+    await x("blockdev-add", {"driver": "snapshot-access", "node-name": "snap", "file": "cbw",
+                             "discard": "unmap"})
+    await x("blockdev-add", {"driver": "snapshot-access", "node-name": "snap2", "file": "cbw"})
+    await x("nbd-server-start", {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": str(port)}}})
+    await x("block-export-add", {"type": "nbd", "id": "e-live", "node-name": "live", "name": "live",
+                                 "writable": True})
+    for node in ("snap", "snap2"):
+        await x("block-export-add", {"type": "nbd", "id": f"e-{node}", "node-name": node, "name": node,
+                                     "writable": True})
+    # clusters 0..3 copied into the overlay by live writes
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x22 0 256k", f"{uri}/live"])
+    snap, snap2 = f"{uri}/snap", f"{uri}/snap2"
+    out["write"] = run(["qemu-io", "-f", "raw", "-c", "write -P 0x33 512k 64k", snap], check=False)
+    out["zero"] = run(["qemu-io", "-f", "raw", "-c", "write -z 512k 64k", snap], check=False)
+    out["ignored"] = run(["qemu-io", "-f", "raw", "-c", "discard 0 128k", "-c", "read 0 64k", snap2],
+                         check=False)
+    out["discard"] = run(["qemu-io", "-f", "raw", "-c", "discard 0 128k", snap], check=False)
+    out["read0"] = run(["qemu-io", "-f", "raw", "-c", "read 0 64k", snap], check=False)
+    out["read64k"] = run(["qemu-io", "-f", "raw", "-c", "read 64k 64k", snap2], check=False)
+    out["tiny"] = run(["qemu-io", "-f", "raw", "-c", "discard 200k 100k", snap], check=False)
+    out["after"] = run(["qemu-io", "-f", "raw", "-c", "read 128k 128k", snap], check=False)
+    nodes = await x("query-named-block-nodes")
+    out["alive"] = any(n["node-name"] == "snap" for n in nodes)
+    for node in ("snap", "snap2"):
+        await x("block-export-del", {"id": f"e-{node}"})
+    await x("block-export-del", {"id": "e-live"})
+    await asyncio.sleep(0.2)
+    for node in ("snap", "snap2", "cbw", "fleece"):
+        await x("blockdev-del", {"node-name": node})
+    await client.disconnect()
+    return out
+
+
+@pytest.mark.interop
+def test_snapshot_access_discard(tmp_path: Path) -> None:
+    require("qemu-io", "qemu-img")
+    live = tmp_path / "live.raw"
+    old = os.urandom(SIZE)
+    live.write_bytes(old)
+    target = tmp_path / "fleece.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=64k", str(target), str(SIZE)])
+    out = run_with_qmp_server(tmp_path, lambda sock, port: discard_scenario(sock, live, target, port))
+    for key in ("write", "zero"):
+        assert out[key].returncode != 0 or "Operation not supported" in out[key].stdout, out[key]
+        assert "Operation not supported" in out[key].stdout + out[key].stderr, out[key]
+    assert "read 65536/65536 bytes at offset 0" in out["ignored"].stdout, out["ignored"]  # discard=ignore
+    assert "discard 131072/131072 bytes at offset 0" in out["discard"].stdout, out["discard"]
+    assert "Invalid argument" in out["read0"].stdout + out["read0"].stderr, out["read0"]
+    # the same clusters through the other snapshot-access node of the same filter: gone too
+    assert "Invalid argument" in out["read64k"].stdout + out["read64k"].stderr, out["read64k"]
+    assert "discard 102400/102400 bytes at offset 204800" in out["tiny"].stdout, out["tiny"]
+    assert "read 131072/131072 bytes at offset 131072" in out["after"].stdout, out["after"]
+    assert out["alive"]
+    # the overlay gave back the two discarded clusters and kept the two others
+    check = run(["qemu-img", "check", str(target)], check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    mapped = run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(target)]).stdout
+    assert '"start": 131072, "length": 131072, "depth": 0, "present": true, "zero": false, "data": true' \
+        in mapped, mapped
+    assert '"start": 0, "length": 131072, "depth": 0, "present": true, "zero": false, "data": true' \
+        not in mapped, mapped

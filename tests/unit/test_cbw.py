@@ -882,6 +882,104 @@ async def test_bitmap_limits_copies_and_snapshot_access() -> None:
     assert (await cbw.snapshot_status(5 * C, 2 * C))[0].length == 2 * C
 
 
+class TrimLog(Layer):
+    """Records the trims that reach the target."""
+
+    def __init__(self, child: BlockNode) -> None:
+        super().__init__("trimlog", child)
+        self.trims: list[tuple[int, int]] = []
+
+    async def trim(self, offset: int, length: int, *, fua: bool = False) -> None:
+        self.trims.append((offset, length))
+        await self.child.trim(offset, length, fua=fua)
+
+
+async def test_snapshot_discard_drops_whole_clusters_from_the_snapshot() -> None:
+    """QEMU's snapshot discard: aligned inward; those clusters are no longer
+    readable, no longer copied before guest writes, and their copies are
+    discarded in the target; the rest of the snapshot is untouched."""
+    from nbdfleece.errors import RequestError
+
+    old, src = nowait_source(23)
+    tgt = TrimLog(NowaitStore("tgt", SIZE))
+    cbw = CopyBeforeWrite("cbw", src, tgt, cluster_size=C)
+    await cbw.write(C, wrap(b"a" * (3 * C)))  # clusters 1..3 copied
+    before = cbw.copied_bytes
+    await cbw.snapshot_discard(C + 1, 3 * C)  # only clusters 2 and 3 are whole inside
+    assert tgt.trims == [(2 * C, 2 * C)]
+    assert cbw.done.nonzero()[0].tolist() == [1]
+    for off, n in [(2 * C, 1), (3 * C + 5, 10), (C, 2 * C)]:
+        with pytest.raises(RequestError) as info:
+            await snap(cbw, off, n)
+        assert info.value.errno == Errno.EINVAL
+        with pytest.raises(RequestError):
+            await cbw.snapshot_status(off, n)
+    assert await snap(cbw, C, C) == old[C : 2 * C]  # cluster 1: still the snapshot's
+    assert await snap(cbw, 4 * C, 3 * C) == old[4 * C : 7 * C]
+    # guest writes to discarded, never-copied clusters copy nothing
+    await cbw.snapshot_discard(8 * C, 2 * C)
+    assert tgt.trims == [(2 * C, 2 * C)]  # nothing had been copied there
+    assert cbw.write_nowait(8 * C, wrap(b"z" * (2 * C)))
+    assert cbw.copied_bytes == before
+    # a range holding no whole cluster changes nothing (QEMU 7.2 aborts there)
+    await cbw.snapshot_discard(5 * C + 1, C - 2)
+    await cbw.snapshot_discard(11 * C, 0)
+    assert await snap(cbw, 4 * C, 3 * C) == old[4 * C : 7 * C]
+    # reaching the end of the disk takes the partial last cluster too
+    await cbw.snapshot_discard(15 * C, SIZE - 15 * C)
+    with pytest.raises(RequestError):
+        await snap(cbw, SIZE - 1, 1)
+    assert bytes(src.data[4 * C : 8 * C]) == old[4 * C : 8 * C]  # the source: never touched
+
+
+async def test_snapshot_discard_waits_for_a_read_of_its_clusters() -> None:
+    old, src = nowait_source(24)
+    blocker = Blocker(src)
+    cbw = CopyBeforeWrite("cbw", blocker, NowaitStore("tgt", SIZE), cluster_size=C)
+    h = blocker.hold("read", 3 * C)
+    got: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: _collect(got, snap(cbw, 3 * C, C)))
+        await h.entered.wait()
+        nursery.start_soon(cbw.snapshot_discard, 3 * C, C)
+        await trio.testing.wait_all_tasks_blocked()
+        assert cbw.access is None or cbw.access[3]  # not yet: the read holds the cluster
+        h.release.set()
+    assert got == [old[3 * C : 4 * C]] and cbw.access is not None and not cbw.access[3]
+
+
+async def _collect(out: list[bytes], read: Awaitable[bytes]) -> None:
+    out.append(await read)
+
+
+async def test_snapshot_access_view_takes_discards_and_refuses_writes() -> None:
+    from nbdfleece.errors import RequestError
+
+    old, src = nowait_source(25)
+    cbw = CopyBeforeWrite("cbw", src, NowaitStore("tgt", SIZE), cluster_size=C)
+    ignoring = SnapshotView("snap", cbw, access=True)  # QEMU's default discard=ignore
+    assert not ignoring.read_only
+    await ignoring.trim(0, 4 * C)
+    assert await snap(cbw, 0, 4 * C) == old[: 4 * C]
+    view = SnapshotView("snap", cbw, access=True, discard=True)
+    await view.trim(0, 2 * C)
+    with pytest.raises(RequestError):
+        await view.read(0, memoryview(bytearray(1)))
+    for call in (view.write(4 * C, wrap(b"x")), view.write_zeroes(4 * C, 1, may_trim=True)):
+        with pytest.raises(OSError) as info:
+            await call
+        assert info.value.errno == errno.ENOTSUP
+    plain = SnapshotView("view", cbw)
+    assert plain.read_only
+    with pytest.raises(OSError) as info:
+        await plain.trim(4 * C, C)
+    assert info.value.errno == errno.EROFS
+    cbw.broken = OSError(errno.EIO, "x")
+    with pytest.raises(OSError) as info:
+        await view.trim(6 * C, C)
+    assert info.value.errno == errno.EIO
+
+
 async def test_bitmap_granularity_coarser_than_the_cluster_and_bad_sizes() -> None:
     from nbdfleece.bitmap import DirtyBitmap
 
