@@ -108,6 +108,11 @@ class BackupJob:
     """Set when a paused push job may go on."""
     error: str | None = None
     """QEMU's ``job->err``: why the job ended unsuccessfully (shown by query-jobs)."""
+    speed: int = 0
+    """Bytes per second a push job copies at most (0: no limit); ``block-job-set-speed``."""
+    rate_start: float = 0.0
+    rate_bytes: int = 0
+    """Bytes copied since ``rate_start`` (the last change of ``speed``)."""
 
     @property
     def push(self) -> bool:
@@ -535,13 +540,15 @@ class Daemon:
                         raise cbw.broken
                     last = min(first + chunk, cbw.pending.size) - 1
                     wanted = job.selected[first : last + 1]
+                    copied = 0
                     if cbw.pending[first : last + 1].any():
-                        await cbw.copy_range(first * cbw.cluster, (last + 1 - first) * cbw.cluster,
-                                             allocated_only=job.sync == "top")
+                        copied = await cbw.copy_range(first * cbw.cluster, (last + 1 - first) * cbw.cluster,
+                                                      allocated_only=job.sync == "top")
                     else:
                         await trio.lowlevel.checkpoint()
                     n = int(np.count_nonzero(wanted))
                     job.offset = min(job.offset + n * cbw.cluster, job.length)
+                    await self._throttle(job, copied)
                 if cbw.broken is not None:
                     raise cbw.broken
                 await job.target_data.flush()
@@ -560,6 +567,26 @@ class Daemon:
                 "device": job.id, "operation": cbw.copy_op, "action": "report",
             })
         self._job_completed(job, error)
+
+    def set_job_speed(self, job: BackupJob, speed: int) -> None:
+        """``block-job-set-speed`` (and ``blockdev-backup``'s ``speed``): takes effect
+        at once, a job waiting for its rate wakes within a tenth of a second."""
+        if speed < 0:
+            raise ControlError("Parameter 'speed' expects a non-negative value")
+        job.speed = speed
+        job.rate_start = trio.current_time()
+        job.rate_bytes = 0
+
+    @staticmethod
+    async def _throttle(job: BackupJob, copied: int) -> None:
+        """Hold a push job to ``job.speed`` on average since the speed was set
+        (QEMU's job rate limit, with its 100 ms slices)."""
+        job.rate_bytes += copied
+        while job.speed:
+            ahead = job.rate_bytes / job.speed - (trio.current_time() - job.rate_start)
+            if ahead <= 0:
+                return
+            await trio.sleep(min(ahead, 0.1))
 
     async def _pause_point(self, job: BackupJob) -> None:
         """Where a running push job honours ``job-pause`` (QEMU's job_pause_point)."""
@@ -597,7 +624,7 @@ class Daemon:
         if job.started:
             offset, length = self.job_progress(job)
             data: dict[str, object] = {"device": job.id, "len": length, "offset": offset,
-                                       "speed": 0, "type": "backup"}
+                                       "speed": job.speed, "type": "backup"}
             if job.cancelled:
                 self.events.emit_event("BLOCK_JOB_CANCELLED", data)
             else:
@@ -735,7 +762,7 @@ class Daemon:
             "auto-finalize": job.auto_finalize, "io-status": "ok", "device": job.id,
             "auto-dismiss": job.auto_dismiss, "busy": job.push and job.status == "running",
             "len": length, "offset": offset, "status": job.status, "paused": job.user_paused,
-            "speed": 0, "ready": False, "type": "backup",
+            "speed": job.speed, "ready": False, "type": "backup",
         }
         if job.error is not None:
             info["error"] = job.error

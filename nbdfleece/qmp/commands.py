@@ -834,12 +834,17 @@ def blockdev_backup(daemon: Daemon, args: Args) -> Undo:
         raise QmpError(f"Invalid job ID '{job_id}'")
     manual = {"auto_finalize": args.get("auto-finalize", True),
               "auto_dismiss": args.get("auto-dismiss", True)}
+    speed = args.get("speed", 0)
+    if speed < 0:
+        raise QmpError("Parameter 'speed' expects a non-negative value")
     if sync == "none":
         job = daemon.start_fleecing(job_id, args["device"], args["target"], **manual)
     else:
         job = daemon.start_push_backup(job_id, args["device"], args["target"], sync,
                                        bitmap=args.get("bitmap"), bitmap_mode=args.get("bitmap-mode"),
                                        **manual)
+
+    daemon.set_job_speed(job, speed)
 
     def undo() -> None:
         daemon.cancel_job(job)  # not started yet: created -> aborting -> concluded -> null
@@ -894,3 +899,10 @@ _JOB_VERBS: tuple[tuple[str, JobVerb, str, Mapping[str, Type], JobCheck | None],
 for _verb, _run, _key, _members, _check in _JOB_VERBS:
     job_verb(f"job-{_verb}", "id", _run, block=False)
     job_verb(f"block-job-{_verb}", _key, _run, block=True, members=_members, check=_check)
+
+
+@command("block-job-set-speed", {"device": STR, "speed": INT})
+async def block_job_set_speed(daemon: Daemon, args: Args) -> None:
+    """The job's rate limit in bytes per second (0: none), from now on."""
+    job = daemon.find_job(args["device"], block=True)
+    daemon.set_job_speed(job, args["speed"])

@@ -11,6 +11,7 @@ push job, and a job whose transaction aborts before it starts.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -281,3 +282,44 @@ def test_fleecing_job_verbs_and_aborted_transaction(tmp_path: Path) -> None:
         "created", "running", "paused", "running", "aborting", "BLOCK_JOB_CANCELLED", "concluded",
         "null"]
     assert statuses(r["events"], "fl")[-1] == "null"
+
+
+def test_speed_and_block_job_set_speed(tmp_path: Path) -> None:
+    """``speed`` on ``blockdev-backup`` holds a push job back (8 MiB/s: 8 s for 64 MiB),
+    ``block-job-set-speed`` changes it while it runs (0: no limit), both shown by
+    ``query-block-jobs`` and the completion event; QEMU's refusals."""
+    live = random_live(tmp_path)
+    target = raw_file(tmp_path / "t.raw")
+
+    async def scenario(client: Any, events: Events, uri: str) -> dict[str, Any]:
+        x = client.execute
+        out: dict[str, Any] = {}
+        await x("blockdev-add", {"driver": "raw", "node-name": "tgt",
+                                 "file": {"driver": "file", "filename": str(target)}})
+        out["negative"] = await refused(x("blockdev-backup", {
+            "job-id": "s0", "device": "live", "target": "tgt", "sync": "full", "speed": -1}))
+        t0 = time.monotonic()
+        await x("blockdev-backup", {"job-id": "s0", "device": "live", "target": "tgt", "sync": "full",
+                                    "speed": 8 << 20})
+        await asyncio.sleep(0.5)
+        job = (await x("query-block-jobs"))[0]
+        out["limited"] = (job["speed"], job["offset"], job["len"], time.monotonic() - t0)
+        out["set_negative"] = await refused(x("block-job-set-speed", {"device": "s0", "speed": -5}))
+        out["unknown"] = await refused(x("block-job-set-speed", {"device": "nope", "speed": 0}))
+        await x("block-job-set-speed", {"device": "s0", "speed": 0})
+        out["free"] = (await x("query-block-jobs"))[0]["speed"]
+        await wait_for(events, lambda e: e.get("event") == "BLOCK_JOB_COMPLETED", "completion")
+        out["events"] = list(events)
+        return out
+
+    r = drive(tmp_path, live, scenario)
+    assert r["negative"] == ("GenericError", "Parameter 'speed' expects a non-negative value")
+    assert r["set_negative"] == ("GenericError", "Parameter 'speed' expects a non-negative value")
+    assert r["unknown"] == ("DeviceNotActive", "Block job 'nope' not found")
+    speed, offset, length, elapsed = r["limited"]
+    # at most 8 MiB/s on average after a first 1 MiB step (the job's steps are 1 MiB)
+    assert speed == 8 << 20 and length == SIZE and 0 < offset <= (2 << 20) + elapsed * (8 << 20), r["limited"]
+    assert r["free"] == 0
+    done = next(e for e in r["events"] if e["event"] == "BLOCK_JOB_COMPLETED")
+    assert done["data"]["offset"] == SIZE and done["data"]["speed"] == 0
+    assert target.read_bytes() == live.read_bytes()

@@ -247,3 +247,40 @@ async def test_an_unstarted_job_ends_without_block_job_events() -> None:
     assert [(n, d.get("status")) for n, d in events] == [
         ("JOB_STATUS_CHANGE", s) for s in ("created", "aborting", "concluded", "null")]
     assert daemon.graph.node("live").top.child is not job.cbw
+
+
+async def test_speed_limits_a_push_job_and_set_speed_lifts_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``speed`` holds the job to that many bytes per second on average (virtual
+    time here); ``block-job-set-speed 0`` lets it run free from then on."""
+    daemon, src, tgt, _, events = setup()
+    job = daemon.start_push_backup("j", "live", "tgt", "full")
+    daemon.set_job_speed(job, 1 << 20)
+    t0 = trio.current_time()
+    daemon.start_job(job)
+    with trio.fail_after(30):
+        while daemon.jobs:
+            await trio.sleep(0.05)
+    # 2.5 MiB at 1 MiB/s: the last MiB needs no wait, the rest does
+    assert trio.current_time() - t0 >= 1.4
+    assert bytes(tgt.data) == bytes(src.data)
+    done = [d for name, d in events if name == "BLOCK_JOB_COMPLETED"]
+    assert done and done[0]["speed"] == 1 << 20
+
+    daemon, src, tgt, _, _ = setup()
+    job = daemon.start_push_backup("k", "live", "tgt", "full")
+    daemon.set_job_speed(job, 64 << 10)  # 40 s for the whole disk
+    t0 = trio.current_time()
+    daemon.start_job(job)
+    await trio.sleep(2)
+    assert daemon.jobs and daemon.job_info(job)["speed"] == 64 << 10
+    assert 0 < job.offset < job.length
+    daemon.set_job_speed(job, 0)
+    with trio.fail_after(30):
+        while daemon.jobs:
+            await trio.sleep(0.001)
+    assert trio.current_time() - t0 < 3
+    assert bytes(tgt.data) == bytes(src.data)
+    with pytest.raises(ControlError, match="non-negative"):
+        daemon.set_job_speed(job, -1)
