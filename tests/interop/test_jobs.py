@@ -288,19 +288,16 @@ def test_speed_and_block_job_set_speed(tmp_path: Path) -> None:
     """``speed`` on ``blockdev-backup`` holds a push job back (8 MiB/s: 8 s for 64 MiB),
     ``block-job-set-speed`` changes it while it runs (0: no limit), both shown by
     ``query-block-jobs`` and the completion event; QEMU's refusals."""
-    live = random_live(tmp_path)
     target = raw_file(tmp_path / "t.raw")
+    backup = {"job-id": "s0", "device": "live", "target": "tgt", "sync": "full"}
 
     async def scenario(client: Any, events: Events, uri: str) -> dict[str, Any]:
         x = client.execute
-        out: dict[str, Any] = {}
-        await x("blockdev-add", {"driver": "raw", "node-name": "tgt",
-                                 "file": {"driver": "file", "filename": str(target)}})
-        out["negative"] = await refused(x("blockdev-backup", {
-            "job-id": "s0", "device": "live", "target": "tgt", "sync": "full", "speed": -1}))
+        await x("blockdev-add", {"driver": "raw", "node-name": "tgt", "file": {"driver": "file",
+                                                                               "filename": str(target)}})
+        out = {"negative": await refused(x("blockdev-backup", {**backup, "speed": -1}))}
         t0 = time.monotonic()
-        await x("blockdev-backup", {"job-id": "s0", "device": "live", "target": "tgt", "sync": "full",
-                                    "speed": 8 << 20})
+        await x("blockdev-backup", {**backup, "speed": 8 << 20})
         await asyncio.sleep(0.5)
         job = (await x("query-block-jobs"))[0]
         out["limited"] = (job["speed"], job["offset"], job["len"], time.monotonic() - t0)
@@ -312,7 +309,7 @@ def test_speed_and_block_job_set_speed(tmp_path: Path) -> None:
         out["events"] = list(events)
         return out
 
-    r = drive(tmp_path, live, scenario)
+    r = drive(tmp_path, live := random_live(tmp_path), scenario)
     assert r["negative"] == ("GenericError", "Parameter 'speed' expects a non-negative value")
     assert r["set_negative"] == ("GenericError", "Parameter 'speed' expects a non-negative value")
     assert r["unknown"] == ("DeviceNotActive", "Block job 'nope' not found")
