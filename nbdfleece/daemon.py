@@ -113,10 +113,31 @@ class BackupJob:
     rate_start: float = 0.0
     rate_bytes: int = 0
     """Bytes copied since ``rate_start`` (the last change of ``speed``)."""
+    txn: JobTxn | None = None
+    """Its group, when a ``completion-mode: grouped`` transaction started it."""
+
+    @property
+    def group(self) -> list[BackupJob]:
+        """The jobs that complete together with this one (itself alone if not grouped)."""
+        return self.txn.jobs if self.txn is not None else [self]
 
     @property
     def push(self) -> bool:
         return self.sync != "none"
+
+
+@dataclass(eq=False)
+class JobTxn:
+    """The jobs one ``transaction`` with ``completion-mode: grouped`` started (QEMU's
+    JobTxn): they finalize together once all have succeeded, and the first to fail
+    or be cancelled cancels the others."""
+
+    jobs: list[BackupJob] = field(default_factory=list)
+    aborting: bool = False
+
+
+_COMPLETED = frozenset({"waiting", "pending", "aborting", "concluded", "null"})
+"""QEMU's ``job_is_completed``."""
 
 
 @dataclass(eq=False)
@@ -154,6 +175,8 @@ class Daemon:
         self.data_dir = data_dir
         self.snapshots: dict[str, Snapshot] = {}
         self.jobs: dict[str, BackupJob] = {}
+        self.grouping: JobTxn | None = None
+        """Set while a ``completion-mode: grouped`` transaction applies its actions."""
         self._filters: dict[str, CopyBeforeWrite] = {}
         """copy-before-write node name -> its filter (for snapshot-access)."""
         self._bitmap_fallback: dict[str, GraphNode] = {}
@@ -605,17 +628,41 @@ class Daemon:
         finalization, a failure or a cancel aborts."""
         if error is None and not job.cancelled:
             self._transition(job, "waiting")
-            self._transition(job, "pending")
-            if not job.auto_finalize:
-                self.events.emit_event("BLOCK_JOB_PENDING", {"type": "backup", "id": job.id})
+            group = job.group
+            if any(other.status not in _COMPLETED for other in group):
+                return  # grouped: the last job to complete moves them all on
+            for other in group:
+                self._transition(other, "pending")
+                if not other.auto_finalize:
+                    self.events.emit_event("BLOCK_JOB_PENDING", {"type": "backup", "id": other.id})
+            if any(not other.auto_finalize for other in group):
                 return
-            self._finalize(job)
+            for other in list(group):
+                self._finalize(other)
         else:
             self._abort(job, error or OSError(errno.ECANCELED, os.strerror(errno.ECANCELED)))
 
     def _abort(self, job: BackupJob, error: OSError) -> None:
-        job.error = os.strerror(error.errno) if error.errno else str(error)
-        self._transition(job, "aborting")
+        """The job failed or was cancelled; in a group, every other job of it is
+        cancelled and they all end (QEMU's job_completed_txn_abort), in creation order."""
+        txn = job.txn
+        if txn is None or txn.aborting:
+            self._abort_one(job, error)
+            return
+        txn.aborting = True
+        for other in txn.jobs:
+            if other is not job and other.status not in ("aborting", "concluded", "null"):
+                self._stop(other)
+        cancelled = OSError(errno.ECANCELED, os.strerror(errno.ECANCELED))
+        for other in list(txn.jobs):
+            if other.status not in ("concluded", "null"):
+                self._abort_one(other, error if other is job else cancelled)
+
+    def _abort_one(self, job: BackupJob, error: OSError) -> None:
+        if job.error is None:
+            job.error = os.strerror(error.errno) if error.errno else str(error)
+        if job.status != "aborting":
+            self._transition(job, "aborting")
         self._finalize(job, error)
 
     def _finalize(self, job: BackupJob, error: OSError | None = None) -> None:
@@ -698,6 +745,12 @@ class Daemon:
     def cancel_job(self, job: BackupJob) -> None:
         """``job-cancel`` / ``block-job-cancel`` (a backup job always cancels hard)."""
         self._verb(job, "cancel")
+        self._stop(job)
+        log.info("job '%s' cancelled (%s)", job.id, job.status)
+        self._abort(job, OSError(errno.ECANCELED, os.strerror(errno.ECANCELED)))
+
+    def _stop(self, job: BackupJob) -> None:
+        """Mark a job cancelled and stop its work (it is ended by ``_abort``)."""
         job.cancelled = True
         if job.user_paused:
             job.user_paused = False
@@ -707,8 +760,6 @@ class Daemon:
             self._transition(job, "running")
         if job.scope is not None:
             job.scope.cancel()
-        log.info("job '%s' cancelled (%s)", job.id, job.status)
-        self._abort(job, OSError(errno.ECANCELED, os.strerror(errno.ECANCELED)))
 
     def cancel_all_jobs(self) -> None:
         """At shutdown (QEMU's job_cancel_sync_all): cancel or dismiss every job."""
@@ -742,8 +793,11 @@ class Daemon:
         raise ControlError(f"The active block job '{job.id}' cannot be completed")
 
     def finalize_job(self, job: BackupJob) -> None:
+        """``job-finalize``: of a grouped job, finalizes its whole group (all are pending)."""
         self._verb(job, "finalize")
-        self._finalize(job)
+        for other in list(job.group):
+            if other.status == "pending":
+                self._finalize(other)
 
     def dismiss_job(self, job: BackupJob) -> None:
         self._verb(job, "dismiss")

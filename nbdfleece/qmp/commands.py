@@ -41,7 +41,7 @@ from nbdfleece.block.faults import (
 )
 from nbdfleece.block.nbd import NbdNode
 from nbdfleece.client import NbdAddress, NbdConnectionError
-from nbdfleece.daemon import BackupJob, Daemon
+from nbdfleece.daemon import BackupJob, Daemon, JobTxn
 from nbdfleece.errors import ConfigError
 from nbdfleece.graph import ControlError, GraphNode, Undo
 from nbdfleece.qmp.protocol import CAPABILITIES_ARGS, version_info
@@ -112,12 +112,13 @@ def command(name: str, members: Mapping[str, Type] | Type | None = None
     return register
 
 
-def action(name: str, members: Mapping[str, Type], *, command: bool = True) -> Callable[[Apply], Apply]:
+def action(name: str, members: Mapping[str, Type], *, command: bool = True,
+           grouped: bool = False) -> Callable[[Apply], Apply]:
     """Register a transaction action, by default also a command of the same name."""
     data = Struct(name, members)
 
     def register(apply: Apply) -> Apply:
-        ACTIONS[name] = Action(name, data, apply)
+        ACTIONS[name] = Action(name, data, apply, grouped)
         if not command:
             return apply
 
@@ -260,8 +261,10 @@ async def transaction(daemon: Daemon, args: Args) -> None:
 
 
 def run_transaction(daemon: Daemon, actions: list[Args], completion_mode: str = "individual") -> None:
-    """Apply ``actions`` all or nothing: on the first failure undo the applied ones."""
+    """Apply ``actions`` all or nothing: on the first failure undo the applied ones.
+    With ``completion_mode`` grouped the jobs it starts form one group (``JobTxn``)."""
     undos: list[Undo] = []
+    daemon.grouping = JobTxn() if completion_mode == "grouped" else None
     try:
         for item in actions:
             spec = ACTIONS[item["type"]]
@@ -278,6 +281,8 @@ def run_transaction(daemon: Daemon, actions: list[Args], completion_mode: str = 
             except Exception:  # keep undoing the rest; the original error is what we report
                 log.exception("transaction: an undo failed")
         raise
+    finally:
+        daemon.grouping = None
     for undo in undos:
         commit(undo)
 
@@ -807,7 +812,7 @@ BITMAP_SYNC_MODE = Enum("BitmapSyncMode", ("on-success", "never", "always"))
 ERROR_ACTION = Enum("BlockdevOnError", ("report", "ignore", "enospc", "stop", "auto"))
 
 
-@action("blockdev-backup", {
+@action("blockdev-backup", grouped=True, members={
     "*job-id": STR, "device": STR, "target": STR, "sync": SYNC_MODE, "*speed": INT,
     "*bitmap": STR, "*bitmap-mode": BITMAP_SYNC_MODE, "*compress": BOOL,
     "*on-source-error": ERROR_ACTION, "*on-target-error": ERROR_ACTION,
@@ -845,9 +850,13 @@ def blockdev_backup(daemon: Daemon, args: Args) -> Undo:
                                        **manual)
 
     daemon.set_job_speed(job, speed)
+    if daemon.grouping is not None:
+        job.txn = daemon.grouping
+        job.txn.jobs.append(job)
 
     def undo() -> None:
-        daemon.cancel_job(job)  # not started yet: created -> aborting -> concluded -> null
+        if job.status not in ("concluded", "null"):  # a grouped job may be gone with another's
+            daemon.cancel_job(job)  # not started yet: created -> aborting -> concluded -> null
 
     return Staged(undo, lambda: daemon.start_job(job))
 

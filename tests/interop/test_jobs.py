@@ -11,6 +11,7 @@ push job, and a job whose transaction aborts before it starts.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -320,3 +321,52 @@ def test_speed_and_block_job_set_speed(tmp_path: Path) -> None:
     done = next(e for e in r["events"] if e["event"] == "BLOCK_JOB_COMPLETED")
     assert done["data"]["offset"] == SIZE and done["data"]["speed"] == 0
     assert target.read_bytes() == live.read_bytes()
+
+
+def test_grouped_transaction(tmp_path: Path) -> None:
+    """``completion-mode: grouped``: two push jobs from one transaction; the first
+    succeeds and waits for the second (paused meanwhile), whose target fails: the
+    first is then cancelled too (QEMU's JobTxn); a bitmap action is refused in
+    such a transaction with QEMU's text."""
+    second = tmp_path / "second.raw"
+    second.write_bytes(os.urandom(SIZE))
+    targets = [raw_file(tmp_path / "t1.raw"), raw_file(tmp_path / "t2.raw")]
+
+    async def scenario(client: Any, events: Events, uri: str) -> dict[str, Any]:
+        x = client.execute
+        await x("blockdev-add", {"driver": "raw", "node-name": "second",
+                                 "file": {"driver": "file", "filename": str(second)}})
+        await x("blockdev-add", {"driver": "raw", "node-name": "t1",
+                                 "file": {"driver": "file", "filename": str(targets[0])}})
+        # writes to t2 take 50 ms each (the job runs for seconds); from the 20th on they fail
+        await x("blockdev-add", {"driver": "x-nbdfleece-fault", "node-name": "t2",
+                                 "image": {"driver": "file", "filename": str(targets[1])},
+                                 "rules": [{"ops": ["write"], "delay": 0.05},
+                                           {"ops": ["write"], "errno": "EIO", "after": 20}]})
+        grouped = {"completion-mode": "grouped"}
+        refusal = await refused(x("transaction", {"actions": [
+            {"type": "block-dirty-bitmap-add", "data": {"node": "live", "name": "b9"}}],
+            "properties": grouped}))
+        await x("transaction", {"actions": [
+            {"type": "blockdev-backup", "data": {"job-id": "g1", "device": "live", "target": "t1",
+                                                 "sync": "full"}},
+            {"type": "blockdev-backup", "data": {"job-id": "g2", "device": "second", "target": "t2",
+                                                 "sync": "full"}},
+        ], "properties": grouped})
+        await x("job-pause", {"id": "g2"})  # held at its first step until g1 has finished
+        await wait_for(events, status_event("g1", "waiting"), "g1 waiting for g2")
+        await x("job-resume", {"id": "g2"})
+        await wait_for(events, lambda e: e.get("event") == "BLOCK_JOB_CANCELLED", "g1 cancelled")
+        await wait_for(events, lambda e: e.get("event") == "BLOCK_JOB_COMPLETED", "g2 failed")
+        return {"refusal": refusal, "events": list(events), "jobs": await x("query-jobs")}
+
+    r = drive(tmp_path, random_live(tmp_path), scenario)
+    assert r["refusal"] == ("GenericError", "Action 'block-dirty-bitmap-add' does not support "
+                            "Transaction property completion-mode = grouped")
+    assert names(r["events"], "g1")[:3] == ["created", "running", "waiting"]  # done, waiting for g2
+    assert names(r["events"], "g1")[-4:] == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+    g2 = names(r["events"], "g2")
+    assert "BLOCK_JOB_ERROR" in g2 and g2[-4:] == ["aborting", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    failed = next(e for e in r["events"] if e["event"] == "BLOCK_JOB_COMPLETED")
+    assert failed["data"]["device"] == "g2" and failed["data"]["error"] == "Input/output error"
+    assert r["jobs"] == []

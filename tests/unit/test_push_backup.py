@@ -284,3 +284,113 @@ async def test_speed_limits_a_push_job_and_set_speed_lifts_it(
     assert bytes(tgt.data) == bytes(src.data)
     with pytest.raises(ControlError, match="non-negative"):
         daemon.set_job_speed(job, -1)
+
+
+# -- completion-mode grouped (QEMU's JobTxn) -------------------------------------------------------
+
+def grouped_setup(*, failing_second: bool = False) -> tuple[Daemon, list[Any], MemoryStore, MemoryStore]:
+    """``live`` -> ``tgt`` and ``live2`` -> ``tgt2`` (which can fail every write)."""
+    daemon, _, tgt, _, events = setup()
+    src2 = MemoryStore("src2", SIZE)
+    src2.data[:] = noise(SIZE, 8)
+    daemon.graph.nodes["live2"] = GraphNode("live2", "mem", DirtyTracking("live2", src2))
+    tgt2 = MemoryStore("tgt2", SIZE)
+    faulty = FaultyTarget(tgt2, errno.EIO)
+    faulty.failing = failing_second
+    daemon.graph.nodes["tgt2"] = GraphNode("tgt2", "mem", DirtyTracking("tgt2", faulty))
+    return daemon, events, tgt, tgt2
+
+
+def grouped(daemon: Daemon, second: dict[str, Any] | None = None, **first: Any) -> None:
+    """One ``transaction`` with ``completion-mode: grouped`` starting jobs a and b."""
+    from nbdfleece.qmp.commands import run_transaction
+
+    run_transaction(daemon, [
+        {"type": "blockdev-backup", "data": {"job-id": "a", "device": "live", "target": "tgt",
+                                             "sync": "full", **first}},
+        {"type": "blockdev-backup", "data": {"job-id": "b", "device": "live2", "target": "tgt2",
+                                             "sync": "full", **(second or {})}},
+    ], "grouped")
+
+
+def job_events(events: list[Any]) -> list[tuple[str, str]]:
+    return [(d.get("id") or d.get("device"), d["status"] if n == "JOB_STATUS_CHANGE" else n)
+            for n, d in events if n.startswith(("BLOCK_JOB", "JOB_"))]
+
+
+async def test_grouped_jobs_finalize_together(autojump_clock: trio.testing.MockClock) -> None:
+    daemon, events, tgt, tgt2 = grouped_setup()
+    grouped(daemon, {"speed": 1 << 20})  # b takes about 2 s, a none
+    with trio.fail_after(30):
+        while daemon.jobs["a"].status != "waiting":
+            await trio.sleep(0.01)
+    assert daemon.jobs["b"].status == "running"  # a waits for b
+    assert ("a", "BLOCK_JOB_COMPLETED") not in job_events(events)
+    await settle_long(daemon)
+    order = job_events(events)
+    assert order.index(("b", "waiting")) < order.index(("a", "pending"))
+    assert order.index(("a", "pending")) < order.index(("a", "BLOCK_JOB_COMPLETED"))
+    assert [e for e in order if e[1].startswith("BLOCK_JOB")] == [
+        ("a", "BLOCK_JOB_COMPLETED"), ("b", "BLOCK_JOB_COMPLETED")]
+    assert bytes(tgt.data) == bytes(daemon.graph.node("live").top.child.data)  # type: ignore[attr-defined]
+    assert bytes(tgt2.data) == noise(SIZE, 8)
+
+
+async def settle_long(daemon: Daemon) -> None:
+    with trio.fail_after(60):
+        while daemon.jobs:
+            await trio.sleep(0.01)
+
+
+async def test_a_failed_grouped_job_cancels_the_others(autojump_clock: trio.testing.MockClock) -> None:
+    daemon, events, _, _ = grouped_setup(failing_second=True)
+    bitmap = dirty_bitmap(daemon, [(0, C), (7 * C, C)])
+    grouped(daemon, bitmap="b0", **{"bitmap-mode": "on-success", "speed": 64 << 10})  # a: slow
+    await settle_long(daemon)
+    ends = {job: e for job, e in job_events(events) if e.startswith("BLOCK_JOB_") and e != "BLOCK_JOB_ERROR"}
+    assert ends == {"a": "BLOCK_JOB_CANCELLED", "b": "BLOCK_JOB_COMPLETED"}
+    completed = next(d for n, d in events if n == "BLOCK_JOB_COMPLETED")
+    assert completed["device"] == "b" and completed["error"] == "Input/output error"
+    assert bitmap.dirty_ranges() == [(0, C), (7 * C, C)] and bitmap.busy == 0  # on-success: all kept
+    assert daemon.graph.node("live").users == 0 and daemon.graph.node("tgt2").users == 0
+
+
+async def test_cancelling_one_grouped_job_cancels_the_group(autojump_clock: trio.testing.MockClock) -> None:
+    daemon, events, _, _ = grouped_setup()
+    grouped(daemon, {"speed": 64 << 10}, speed=64 << 10)
+    await trio.sleep(1)
+    daemon.cancel_job(daemon.jobs["b"])
+    assert not daemon.jobs
+    assert [e for e in job_events(events) if e[1].startswith("BLOCK_JOB")] == [
+        ("a", "BLOCK_JOB_CANCELLED"), ("b", "BLOCK_JOB_CANCELLED")]
+
+
+async def test_grouped_manual_finalize_of_one_finalizes_all(autojump_clock: trio.testing.MockClock) -> None:
+    daemon, events, _, _ = grouped_setup()
+    grouped(daemon, {"auto-finalize": False}, **{"auto-finalize": False})
+    with trio.fail_after(30):
+        while not all(j.status == "pending" for j in daemon.jobs.values()):
+            await trio.sleep(0.01)
+    assert [e for e in job_events(events) if e[1] == "BLOCK_JOB_PENDING"] == [
+        ("a", "BLOCK_JOB_PENDING"), ("b", "BLOCK_JOB_PENDING")]
+    daemon.finalize_job(daemon.jobs["b"])
+    assert not daemon.jobs
+    assert [e for e in job_events(events) if e[1] == "BLOCK_JOB_COMPLETED"] == [
+        ("a", "BLOCK_JOB_COMPLETED"), ("b", "BLOCK_JOB_COMPLETED")]
+
+
+async def test_an_aborted_grouped_transaction_ends_its_jobs_silently() -> None:
+    from nbdfleece.qmp.commands import run_transaction
+    from nbdfleece.qmp.protocol import QmpError
+
+    daemon, events, _, _ = grouped_setup()
+    with pytest.raises(QmpError, match="Transaction aborted using Abort action"):
+        run_transaction(daemon, [
+            {"type": "blockdev-backup", "data": {"job-id": "a", "device": "live", "target": "tgt",
+                                                 "sync": "full"}},
+            {"type": "blockdev-backup", "data": {"job-id": "b", "device": "live2", "target": "tgt2",
+                                                 "sync": "full"}},
+            {"type": "abort", "data": {}},
+        ], "grouped")
+    assert not daemon.jobs and daemon.grouping is None
+    assert not [e for e in job_events(events) if e[1].startswith("BLOCK_JOB")]
