@@ -766,7 +766,7 @@ class Daemon:
         for job in self.jobs_newest_first():
             if job.status == "concluded":
                 self._dismiss(job)
-            else:
+            elif job.status not in ("aborting", "null"):  # a grouped job may have ended with another
                 self.cancel_job(job)
 
     def pause_job(self, job: BackupJob) -> None:

@@ -394,3 +394,15 @@ async def test_an_aborted_grouped_transaction_ends_its_jobs_silently() -> None:
         ], "grouped")
     assert not daemon.jobs and daemon.grouping is None
     assert not [e for e in job_events(events) if e[1].startswith("BLOCK_JOB")]
+
+
+async def test_shutdown_cancels_a_group_once(autojump_clock: trio.testing.MockClock) -> None:
+    """``cancel_all_jobs`` (server stop) meets the second job of a group already ended
+    by the first one's cancel: no error, every job gone, each cancelled once."""
+    daemon, events, _, _ = grouped_setup()
+    grouped(daemon, {"speed": 64 << 10}, speed=64 << 10)
+    await trio.sleep(1)
+    daemon.cancel_all_jobs()
+    assert not daemon.jobs
+    assert [e for e in job_events(events) if e[1].startswith("BLOCK_JOB")] == [
+        ("a", "BLOCK_JOB_CANCELLED"), ("b", "BLOCK_JOB_CANCELLED")]
