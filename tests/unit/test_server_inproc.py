@@ -51,19 +51,21 @@ class Gate(Layer):
 
 
 class Client:
-    """A minimal raw NBD client over a trio socket (simple replies)."""
+    """A minimal raw NBD client over a trio socket (the handshake by hand, simple
+    replies here; ``test_server_replies`` adds structured ones)."""
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
         self.sock = sock
-        self.buf = b""
+        self.buf = bytearray()
 
     async def recv_exact(self, n: int) -> bytes:
         while len(self.buf) < n:
-            chunk = await self.sock.recv(65536)
+            chunk = await self.sock.recv(1 << 20)
             if not chunk:
-                raise EOFError
+                raise EOFError(f"closed with {len(self.buf)} of {n} bytes")
             self.buf += chunk
-        out, self.buf = self.buf[:n], self.buf[n:]
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
         return out
 
     async def send(self, data: bytes) -> None:
@@ -71,16 +73,21 @@ class Client:
         while view:
             view = view[await self.sock.send(view) :]
 
-    async def go(self, name: str) -> None:
-        await self.recv_exact(18)
-        payload = struct.pack(">I", len(name)) + name.encode() + struct.pack(">H", 0)
-        await self.send(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, Opt.GO, len(payload)) + payload)
+    async def option(self, opt: int, payload: bytes = b"") -> None:
+        await self.send(struct.pack(">QII", IHAVEOPT, opt, len(payload)) + payload)
         while True:
             _, _, rep, length = struct.unpack(">QIII", await self.recv_exact(20))
             await self.recv_exact(length)
             if rep == 1:
                 return
             assert rep == 3, rep
+
+    async def go(self, name: str, *, structured: bool = False) -> None:
+        await self.recv_exact(18)
+        await self.send(struct.pack(">I", 3))
+        if structured:
+            await self.option(Opt.STRUCTURED_REPLY)
+        await self.option(Opt.GO, struct.pack(">I", len(name)) + name.encode() + struct.pack(">H", 0))
 
     async def request(self, cmd: int, cookie: int, offset: int, length: int, data: bytes = b"") -> None:
         await self.send(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, cmd, cookie, offset, length) + data)

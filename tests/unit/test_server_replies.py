@@ -23,17 +23,16 @@ import trio.testing
 from nbdfleece import server as server_module
 from nbdfleece.block.file import FileStore, memory_backed
 from nbdfleece.constants import (
-    IHAVEOPT,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     Cmd,
     CmdFlag,
-    Opt,
     ReplyType,
 )
 from nbdfleece.exports import Export, ExportRegistry
 from nbdfleece.server import Server
+from tests.unit.test_server_inproc import Client as RawClient
 
 KiB = 1024
 MiB = 1 << 20
@@ -57,43 +56,8 @@ def image() -> Iterator[Path]:
         yield path
 
 
-class Client:
-    """A raw NBD client over a trio socket: simple or structured replies."""
-
-    def __init__(self, sock: trio.socket.SocketType) -> None:
-        self.sock = sock
-        self.buf = bytearray()
-
-    async def recv_exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            chunk = await self.sock.recv(1 << 20)
-            if not chunk:
-                raise EOFError(f"closed with {len(self.buf)} of {n} bytes")
-            self.buf += chunk
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    async def send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[await self.sock.send(view) :]
-
-    async def option(self, opt: int, payload: bytes = b"") -> None:
-        await self.send(struct.pack(">QII", IHAVEOPT, opt, len(payload)) + payload)
-        while True:
-            _, _, rep, length = struct.unpack(">QIII", await self.recv_exact(20))
-            await self.recv_exact(length)
-            if rep == 1:
-                return
-            assert rep == 3, rep
-
-    async def go(self, name: str, *, structured: bool = False) -> None:
-        await self.recv_exact(18)
-        await self.send(struct.pack(">I", 3))
-        if structured:
-            await self.option(Opt.STRUCTURED_REPLY)
-        await self.option(Opt.GO, struct.pack(">I", len(name)) + name.encode() + struct.pack(">H", 0))
+class Client(RawClient):
+    """The raw test client, with READ data sized by cookie and structured reply chunks."""
 
     async def simple_reply(self, lengths: dict[int, int]) -> tuple[int, int, bytes]:
         """(error, cookie, data): a READ's data length is looked up by cookie."""
