@@ -140,6 +140,18 @@ _COMPLETED = frozenset({"waiting", "pending", "aborting", "concluded", "null"})
 """QEMU's ``job_is_completed``."""
 
 
+def _cancelled() -> OSError:
+    """The error a cancelled job ends with."""
+    return OSError(errno.ECANCELED, os.strerror(errno.ECANCELED))
+
+
+def check_speed(speed: int) -> int:
+    """A job's rate limit as QEMU accepts it (bytes per second, 0 = none)."""
+    if speed < 0:
+        raise ControlError("Parameter 'speed' expects a non-negative value")
+    return speed
+
+
 @dataclass(eq=False)
 class ExportRecord:
     """A block export as QMP sees it (``id`` may differ from the NBD name)."""
@@ -594,9 +606,7 @@ class Daemon:
     def set_job_speed(self, job: BackupJob, speed: int) -> None:
         """``block-job-set-speed`` (and ``blockdev-backup``'s ``speed``): takes effect
         at once, a job waiting for its rate wakes within a tenth of a second."""
-        if speed < 0:
-            raise ControlError("Parameter 'speed' expects a non-negative value")
-        job.speed = speed
+        job.speed = check_speed(speed)
         job.rate_start = trio.current_time()
         job.rate_bytes = 0
 
@@ -640,7 +650,7 @@ class Daemon:
             for other in list(group):
                 self._finalize(other)
         else:
-            self._abort(job, error or OSError(errno.ECANCELED, os.strerror(errno.ECANCELED)))
+            self._abort(job, error or _cancelled())
 
     def _abort(self, job: BackupJob, error: OSError) -> None:
         """The job failed or was cancelled; in a group, every other job of it is
@@ -653,10 +663,9 @@ class Daemon:
         for other in txn.jobs:
             if other is not job and other.status not in ("aborting", "concluded", "null"):
                 self._stop(other)
-        cancelled = OSError(errno.ECANCELED, os.strerror(errno.ECANCELED))
         for other in list(txn.jobs):
             if other.status not in ("concluded", "null"):
-                self._abort_one(other, error if other is job else cancelled)
+                self._abort_one(other, error if other is job else _cancelled())
 
     def _abort_one(self, job: BackupJob, error: OSError) -> None:
         if job.error is None:
@@ -747,7 +756,7 @@ class Daemon:
         self._verb(job, "cancel")
         self._stop(job)
         log.info("job '%s' cancelled (%s)", job.id, job.status)
-        self._abort(job, OSError(errno.ECANCELED, os.strerror(errno.ECANCELED)))
+        self._abort(job, _cancelled())
 
     def _stop(self, job: BackupJob) -> None:
         """Mark a job cancelled and stop its work (it is ended by ``_abort``)."""

@@ -41,7 +41,7 @@ from nbdfleece.block.faults import (
 )
 from nbdfleece.block.nbd import NbdNode
 from nbdfleece.client import NbdAddress, NbdConnectionError
-from nbdfleece.daemon import BackupJob, Daemon, JobTxn
+from nbdfleece.daemon import BackupJob, Daemon, JobTxn, check_speed
 from nbdfleece.errors import ConfigError
 from nbdfleece.graph import ControlError, GraphNode, Undo
 from nbdfleece.qmp.protocol import CAPABILITIES_ARGS, version_info
@@ -839,9 +839,7 @@ def blockdev_backup(daemon: Daemon, args: Args) -> Undo:
         raise QmpError(f"Invalid job ID '{job_id}'")
     manual = {"auto_finalize": args.get("auto-finalize", True),
               "auto_dismiss": args.get("auto-dismiss", True)}
-    speed = args.get("speed", 0)
-    if speed < 0:
-        raise QmpError("Parameter 'speed' expects a non-negative value")
+    speed = check_speed(args.get("speed", 0))  # before the job exists
     if sync == "none":
         job = daemon.start_fleecing(job_id, args["device"], args["target"], **manual)
     else:
