@@ -24,14 +24,19 @@ from typing import Any
 Rec = dict[str, Any]
 
 
+def _plain_of(name: str) -> str:
+    """The plain partner: ``ours-cbw`` and an A/B variant ``ours-cbw-b`` -> ``ours-plain``."""
+    return name.split("-cbw")[0] + "-plain"
+
+
 def _pairs(runs: dict[str, Any], name: str, wl: str) -> list[tuple[Rec, Rec]]:
-    plain = runs[name[: -len("cbw")] + "plain"].get(wl, [])
+    plain = runs[_plain_of(name)].get(wl, [])
     cbw = runs[name].get(wl, [])
     return [(p, c) for p, c in zip(plain, cbw, strict=False) if p.get("ok") and c.get("ok")]
 
 
 def _cbw_names(runs: dict[str, Any]) -> list[str]:
-    return [n for n in runs if n.endswith("-cbw") and n[: -len("cbw")] + "plain" in runs]
+    return [n for n in runs if "-cbw" in n and _plain_of(n) in runs]
 
 
 def _ratios(pairs: list[tuple[Rec, Rec]]) -> list[float]:
@@ -89,7 +94,7 @@ def random_summary(result: dict[str, Any]) -> list[str]:
         if not pairs:
             continue
         ratios = _ratios(pairs)
-        plain = runs[name[: -len("cbw")] + "plain"]["R64"]
+        plain = runs[_plain_of(name)]["R64"]
         cbw = runs[name]["R64"]
         by_round[name] = [c["value"] / p["value"] if p.get("ok") and c.get("ok") else None
                           for p, c in zip(plain, cbw, strict=False)]

@@ -33,6 +33,8 @@
 #   SIZE              image size, filled from /dev/urandom (default 1G)
 #   NBDFLEECE_PYTHON  interpreter that runs nbdfleece (default <repo>/.venv/bin/python)
 #   PEER_BENCH_PYTHON interpreter with libnbd's `nbd` module (default /usr/bin/python3)
+#   CBW_B_ENV         NAME=VALUE settings: adds server ours-cbw-b, ours-cbw run with them
+#                     (A/B of a setting in the same rounds, paired with ours-plain)
 #   SHARED_BENCH      the shared harness folder (default <repo>/../../shared/bench,
 #                     i.e. "$(dirname "$0")/../../shared/bench")
 #
@@ -138,6 +140,7 @@ mkdir "$scratch/rounds"
 servers=(
     --server 'ours-plain={env[NBDFLEECE_PYTHON]} -m nbdfleece serve --listen 127.0.0.1:{port} --export {export}={image} --log-level warning'
     --server "ours-cbw=bash $wrap {env[NBDFLEECE_PYTHON]} {dir} {export} {image} {port}"
+    ${CBW_B_ENV:+--server "ours-cbw-b=env $CBW_B_ENV bash $wrap {env[NBDFLEECE_PYTHON]} {dir} {export} {image} {port}"}
     --server 'qsd-plain={python} {bench}/qsd_cbw.py --mode plain --image {image} --port {port} --export {export} --dir {dir} --qmp-log {dir}/qmp.log'
     --server 'qsd-cbw={python} {bench}/qsd_cbw.py --mode cbw --image {image} --port {port} --export {export} --dir {dir} --qmp-log {dir}/qmp.log'
 )
