@@ -135,6 +135,10 @@ def main() -> None:
     ap.add_argument("--ab-checksum", default="sha256", help="the piece checksum of the A/B full backup")
     ap.add_argument("--checksums", default="xxh3-128,sha256,crc32",
                     help="comma-separated piece checksums of the full backups in each round")
+    ap.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
+                    help="pause before each timed full backup and each timed nbdcopy, so that "
+                    "every command starts with the memory the previous one freed already handed "
+                    "back to the host (see the README's note on free page reporting)")
     args = ap.parse_args()
     py = args.python
     scratch: Path = args.scratch
@@ -177,6 +181,7 @@ def main() -> None:
                     env = None
                     if what.endswith("-ab"):
                         env = dict(os.environ, PYTHONPATH=f"{args.ab}:{os.environ.get('PYTHONPATH', '')}")
+                    time.sleep(args.settle)
                     t, _ = timed([*agent, "full", "--quiet", "--checksum", what.removesuffix("-ab"),
                                   "--server", nbd, "--qmp", str(qmp), "--export", "live",
                                   "--to", str(folder)], env=env)
@@ -189,6 +194,7 @@ def main() -> None:
                 else:
                     timed([*snap, "create", f"s{r}", "--of", "live"])
                     out = scratch / f"copy-{r}.raw"
+                    time.sleep(args.settle)
                     t, _ = timed(["nbdcopy", f"{nbd}/s{r}", str(out)])
                     rec["nbdcopy"] = {"s": t, "cpu": LAST["client"], "server_cpu": LAST["server"]}
                     timed([*snap, "delete", f"s{r}"])
@@ -247,6 +253,7 @@ def main() -> None:
     }
     summary = {
         "size": args.size, "data_bytes": data_bytes, "rounds": args.rounds, "versions": versions,
+        "settle_s": args.settle,
         "full": records, "incremental": inc_records,
         "nbdcopy_mib_s_median": statistics.median(data_bytes / r["nbdcopy"]["s"] / MiB for r in records),
         "nbdcopy_cpu_median": statistics.median(r["nbdcopy"]["cpu"] + r["nbdcopy"]["server_cpu"]

@@ -24,6 +24,9 @@
 #   AB_CHECKSUM       piece checksum of the A/B full backup (default sha256)
 #   CHECKSUMS         piece checksums of this checkout's full backups (default
 #                     xxh3-128,sha256,crc32)
+#   SETTLE            seconds to pause before each timed full backup and nbdcopy (default
+#                     0): every command then starts with the memory freed by the one
+#                     before already handed back to the host (VM free page reporting)
 #
 # Output: $OUT/backup-<stamp>.json (every round and the medians) and .log.
 set -euo pipefail
@@ -38,6 +41,7 @@ NBDFLEECE_PYTHON=${NBDFLEECE_PYTHON:-"$repo/.venv/bin/python"}
 AB=${AB:-}
 AB_CHECKSUM=${AB_CHECKSUM:-sha256}
 CHECKSUMS=${CHECKSUMS:-xxh3-128,sha256,crc32}
+SETTLE=${SETTLE:-0}
 
 command -v nbdcopy >/dev/null || { echo "missing: nbdcopy" >&2; exit 1; }
 [ -x "$NBDFLEECE_PYTHON" ] || { echo "missing: $NBDFLEECE_PYTHON" >&2; exit 1; }
@@ -58,7 +62,7 @@ scratch=$(mktemp -d -p "$TMPBASE" nbdfleece-backup-bench.XXXXXX)
 trap 'rm -rf "$scratch"' EXIT
 {
     echo "nbdfleece-backup benchmark, $(date -u), $(nproc) cores, load: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "disk $((SIZE >> 20)) MiB on $TMPBASE, $RUNS rounds"
+    echo "disk $((SIZE >> 20)) MiB on $TMPBASE, $RUNS rounds, settle $SETTLE s before each timed command"
     nbdcopy --version | sed -n 1p
     cd "$repo"
     ab=()
@@ -75,6 +79,7 @@ trap 'rm -rf "$scratch"' EXIT
     "$NBDFLEECE_PYTHON" -m compileall -q "$repo/nbdfleece" "$repo/tools/nbdfleece_backup" \
         ${AB:+"$scratch/ab/tools"} >/dev/null
     "$NBDFLEECE_PYTHON" "$here/backup_bench.py" --scratch "$scratch" --size "$SIZE" --rounds "$RUNS" \
-        --out "$OUT/backup-$stamp.json" --python "$NBDFLEECE_PYTHON" --checksums "$CHECKSUMS" "${ab[@]}"
+        --out "$OUT/backup-$stamp.json" --python "$NBDFLEECE_PYTHON" --checksums "$CHECKSUMS" \
+        --settle "$SETTLE" "${ab[@]}"
     echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 } 2>&1 | tee "$OUT/backup-$stamp.log"

@@ -33,6 +33,10 @@
 #   SIZE              image size, filled from /dev/urandom (default 1G)
 #   NBDFLEECE_PYTHON  interpreter that runs nbdfleece (default <repo>/.venv/bin/python)
 #   PEER_BENCH_PYTHON interpreter with libnbd's `nbd` module (default /usr/bin/python3)
+#   SETTLE            seconds every server waits before it starts (default 0), after the
+#                     harness made its image copy: the memory the previous round freed is
+#                     then handed back to the host (VM free page reporting), so that every
+#                     server's first pass starts in the same memory state
 #   CBW_B_ENV         NAME=VALUE settings: adds server ours-cbw-b, ours-cbw run with them
 #                     (A/B of a setting in the same rounds, paired with ours-plain)
 #   SHARED_BENCH      the shared harness folder (default <repo>/../../shared/bench,
@@ -56,6 +60,7 @@ SIZE=${SIZE:-1G}
 NBDFLEECE_PYTHON=${NBDFLEECE_PYTHON:-"$repo/.venv/bin/python"}
 PEER_BENCH_PYTHON=${PEER_BENCH_PYTHON:-/usr/bin/python3}
 SHARED_BENCH=${SHARED_BENCH:-"$here/../../shared/bench"}
+SETTLE=${SETTLE:-0}
 export NBDFLEECE_PYTHON PEER_BENCH_PYTHON
 
 fail=0
@@ -132,17 +137,21 @@ done
 exit "$st"
 EOF
 
+# SETTLE: every server command goes through this (exec keeps its pid and process group).
+settle="$scratch/settle.sh"
+printf '#!/usr/bin/env bash\nsleep %s\nexec "$@"\n' "$SETTLE" >"$settle"
+
 echo "image: $SIZE of random data in $scratch" >&2
 head -c "$SIZE" /dev/urandom >"$scratch/disk.raw"
 mkdir "$scratch/rounds"
 
 # The four servers, as peer_bench.py templates (both phases use these).
 servers=(
-    --server 'ours-plain={env[NBDFLEECE_PYTHON]} -m nbdfleece serve --listen 127.0.0.1:{port} --export {export}={image} --log-level warning'
-    --server "ours-cbw=bash $wrap {env[NBDFLEECE_PYTHON]} {dir} {export} {image} {port}"
-    ${CBW_B_ENV:+--server "ours-cbw-b=env $CBW_B_ENV bash $wrap {env[NBDFLEECE_PYTHON]} {dir} {export} {image} {port}"}
-    --server 'qsd-plain={python} {bench}/qsd_cbw.py --mode plain --image {image} --port {port} --export {export} --dir {dir} --qmp-log {dir}/qmp.log'
-    --server 'qsd-cbw={python} {bench}/qsd_cbw.py --mode cbw --image {image} --port {port} --export {export} --dir {dir} --qmp-log {dir}/qmp.log'
+    --server "ours-plain=bash $settle {env[NBDFLEECE_PYTHON]} -m nbdfleece serve --listen 127.0.0.1:{port} --export {export}={image} --log-level warning"
+    --server "ours-cbw=bash $settle bash $wrap {env[NBDFLEECE_PYTHON]} {dir} {export} {image} {port}"
+    ${CBW_B_ENV:+--server "ours-cbw-b=bash $settle env $CBW_B_ENV bash $wrap {env[NBDFLEECE_PYTHON]} {dir} {export} {image} {port}"}
+    --server "qsd-plain=bash $settle {python} {bench}/qsd_cbw.py --mode plain --image {image} --port {port} --export {export} --dir {dir} --qmp-log {dir}/qmp.log"
+    --server "qsd-cbw=bash $settle {python} {bench}/qsd_cbw.py --mode cbw --image {image} --port {port} --export {export} --dir {dir} --qmp-log {dir}/qmp.log"
 )
 
 cd "$repo"   # so that -m nbdfleece finds this checkout even without an install
