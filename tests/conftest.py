@@ -161,6 +161,23 @@ def wait_listening(path: Path, proc: subprocess.Popen[bytes] | None = None, *,
         time.sleep(0.01)
 
 
+def wait_tcp_listening(port: int, proc: subprocess.Popen[bytes], *, timeout: float = 15) -> None:
+    """Wait until 127.0.0.1:``port`` accepts a connection (a QEMU process opens its QMP
+    socket before its NBD server: the first is no sign of the second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args!r} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"127.0.0.1:{port} did not accept connections within {timeout}s")
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[object]:
     """``server_factory(*args)`` starts a server; all are checked at teardown."""
