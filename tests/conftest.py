@@ -141,40 +141,38 @@ def unix_listening(path: Path) -> bool:
     return True
 
 
-def wait_listening(path: Path, proc: subprocess.Popen[bytes] | None = None, *,
+def tcp_listening(port: int) -> bool:
+    """Whether 127.0.0.1:``port`` accepts a connection now."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def wait_listening(address: Path | int, proc: subprocess.Popen[bytes] | None = None, *,
                    log: Path | None = None, timeout: float = 15) -> None:
-    """Wait until Unix socket ``path`` accepts a connection.
+    """Wait until Unix socket ``address`` (a path), or TCP port ``address`` on
+    127.0.0.1, accepts a connection.
 
     The socket file appears at bind(), before listen(): a connect in between is
-    refused, so the file existing is not enough.  Fails (with ``log``, when given)
-    if ``proc`` exits or ``timeout`` seconds pass.
+    refused, so the file existing is not enough.  A QEMU process opens its QMP
+    socket before its NBD server, so one is no sign of the other.  Fails (with
+    ``log``, when given) if ``proc`` exits or ``timeout`` seconds pass.
     """
     def output() -> str:
         return log.read_text(errors="replace") if log is not None and log.exists() else ""
 
+    def listening() -> bool:
+        return tcp_listening(address) if isinstance(address, int) else unix_listening(address)
+
+    where = f"127.0.0.1:{address}" if isinstance(address, int) else str(address)
     deadline = time.monotonic() + timeout
-    while not unix_listening(path):
+    while not listening():
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"{proc.args!r} exited with {proc.returncode}:\n{output()}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"{path} did not accept connections within {timeout}s:\n{output()}")
-        time.sleep(0.01)
-
-
-def wait_tcp_listening(port: int, proc: subprocess.Popen[bytes], *, timeout: float = 15) -> None:
-    """Wait until 127.0.0.1:``port`` accepts a connection (a QEMU process opens its QMP
-    socket before its NBD server: the first is no sign of the second)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args!r} exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"127.0.0.1:{port} did not accept connections within {timeout}s")
+            raise AssertionError(f"{where} did not accept connections within {timeout}s:\n{output()}")
         time.sleep(0.01)
 
 

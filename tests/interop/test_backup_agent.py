@@ -27,17 +27,7 @@ from typing import Any
 import pytest
 
 from nbdfleece_backup.cli import main
-from tests.conftest import (
-    PYTHON,
-    ServerProcess,
-    libnbd,
-    make_image,
-    qemu_io,
-    require,
-    run,
-    wait_listening,
-    wait_tcp_listening,
-)
+from tests.conftest import PYTHON, ServerProcess, libnbd, make_image, qemu_io, require, run, wait_listening
 from tests.interop.tls_pki import Pki, make_pki
 
 pytestmark = pytest.mark.interop
@@ -400,7 +390,7 @@ def test_qemu_storage_daemon_full_and_incremental(tmp_path: Path, short_dir: Pat
     ], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_listening(qmp, proc)
-        wait_tcp_listening(port, proc)
+        wait_listening(port, proc)
         uri, folder = f"nbd://127.0.0.1:{port}", tmp_path / "backups"
         copies = [tmp_path / "snapshot-1.raw", tmp_path / "snapshot-2.raw"]
         with Writers(f"{uri}/live", SIZE):
