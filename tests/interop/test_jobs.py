@@ -358,6 +358,9 @@ def test_grouped_transaction(tmp_path: Path) -> None:
         await x("job-resume", {"id": "g2"})
         await wait_for(events, lambda e: e.get("event") == "BLOCK_JOB_CANCELLED", "g1 cancelled")
         await wait_for(events, lambda e: e.get("event") == "BLOCK_JOB_COMPLETED", "g2 failed")
+        # The events arrive through their own task: wait for the last ones the test checks.
+        for job in ("g1", "g2"):
+            await wait_for(events, status_event(job, "null"), f"{job} dismissed")
         return {"refusal": refusal, "events": list(events), "jobs": await x("query-jobs")}
 
     r = drive(tmp_path, random_live(tmp_path), scenario)
