@@ -319,7 +319,7 @@ class Daemon:
         overlay = os.path.join(self.data_dir, f"snapshot-{name}.overlay")
         self.journal.record(f"snapshot:{name}", "snapshot", name, overlay, owned=True)
         with open(overlay, "wb") as f:
-            f.truncate(store.size)
+            f.truncate(base.top.size)  # the disk's size (for qcow2 not its file's)
         target = FileStore(f"{name}-overlay", overlay)
         # ---- from here on, no await: the snapshot instant --------------------------
         cbw = self._new_cbw(base, f"{name}-cbw", target, on_cbw_error)
@@ -359,8 +359,12 @@ class Daemon:
         log.info("snapshot '%s' deleted (%d bytes were copied)", name, snapshot.cbw.copied_bytes)
 
     def _image_node(self, node: GraphNode) -> GraphNode:
-        """The node that owns the file store at the bottom of ``node``'s chain."""
-        while node.store is None and node.children:
+        """Where a copy-before-write filter goes for ``node``: the lowest node of
+        its chain whose bytes are still the guest's.  Down through pass-through
+        nodes (``raw``, filters) to the file store, so that writes through any
+        parent are seen; never below a format driver (qcow2), under which lie
+        the image file's bytes (header, tables, clusters), nor below ``nbd``."""
+        while node.store is None and node.format_node is None and node.children:
             node = node.children[0]
         return node
 
@@ -864,11 +868,14 @@ class Daemon:
         self.journal.forget(f"job:{job.id}", completed_full=error is None and job.sync == "full")
 
     @staticmethod
-    def _unlink(base: GraphNode, layer_to_remove: Layer) -> None:
+    def _unlink(base: GraphNode, cbw: CopyBeforeWrite) -> None:
+        """Take a filter out of ``base``'s chain; guest writes already inside it
+        then pass without copying (``CopyBeforeWrite.retired``)."""
+        cbw.retired = True
         layer: BlockNode = base.top
         while isinstance(layer, Layer):
-            if layer.child is layer_to_remove:
-                layer.child = layer_to_remove.child
+            if layer.child is cbw:
+                layer.child = cbw.child
                 return
             layer = layer.child
 

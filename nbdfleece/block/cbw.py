@@ -34,7 +34,11 @@ Invariants, with writers on any number of connections:
   snapshot was taken (``pre_inflight``) count as before the snapshot: copies
   and snapshot reads of their range wait for them to finish, so they are
   seen whole, never torn;
-* nothing done to the snapshot ever writes to the source.
+* nothing done to the snapshot ever writes to the source;
+* when the filter leaves its chain (``retired``: snapshot or node deleted,
+  job ended), guest writes still inside it start no more copies, and a copy
+  that then fails (its target being closed) does not fail them; snapshot
+  readers that were waiting get ESHUTDOWN, never a read of a closed target.
 
 The cost of a copy
 ------------------
@@ -208,6 +212,10 @@ class CopyBeforeWrite(Layer):
         self.broken: OSError | None = None
         self.deleted = False
         """Set when the snapshot is deleted: its remaining clients get ESHUTDOWN."""
+        self.retired = False
+        """Set when the filter leaves its chain (snapshot deleted, node deleted, job
+        ended): guest writes still inside it copy nothing more and pass, a failed
+        copy no longer fails them, and its target can then be closed."""
         self.copied_bytes = 0
         self.copy_op = "write"
         """The side of the last failed copy (``read`` or ``write``), for error reports."""
@@ -309,6 +317,8 @@ class CopyBeforeWrite(Layer):
             assert self.target_ready is not None
             await self.target_ready.wait()
         for lo, hi in self._pending_runs(first, last):
+            if self.retired:
+                return  # out of the chain: nothing needs the old data any more
             start, end = self._bytes(lo, hi)
             try:
                 if isinstance(src, FileStore) and isinstance(dst, FileStore):
@@ -419,7 +429,7 @@ class CopyBeforeWrite(Layer):
     async def _guarded(self, offset: int, length: int) -> int | None:
         """Copy old data before a modification; returns the lock to release after
         it (None when no copy is needed any more: a broken snapshot)."""
-        if self.broken is not None:
+        if self.broken is not None or self.retired:
             return None
         first, last = self._span(offset, length)
         try:
@@ -427,6 +437,8 @@ class CopyBeforeWrite(Layer):
                 return await self._timed_copy_phase(first, last)
             return await self._copy_phase(first, last)
         except OSError as exc:
+            if self.retired:  # left the chain meanwhile (its target may be closed): no copy needed
+                return None
             if self.on_cbw_error == BREAK_GUEST_WRITE:
                 raise
             self._break(exc)
@@ -490,6 +502,7 @@ class CopyBeforeWrite(Layer):
         self._check_access(first, last)
         key = await self.locks.acquire(first, last, exclusive=False)
         try:
+            self._check_broken()  # deleted while this read waited: never read a closed target
             await self._wait_pre(offset, len(buf))
             done = self.done[first : last + 1]
             # Runs of clusters that come from the same place, clipped to the read.
@@ -524,6 +537,7 @@ class CopyBeforeWrite(Layer):
             return
         key = await self.locks.acquire(lo, hi - 1, exclusive=True)
         try:
+            self._check_broken()
             if self.access is None:
                 self.access = np.ones(self.pending.size, dtype=bool)
             self.access[lo:hi] = False
@@ -548,6 +562,9 @@ class CopyBeforeWrite(Layer):
         # ``done`` check and the source's answer.
         key = await self.locks.acquire(first, last, exclusive=False)
         try:
+            self._check_broken()
+            # As for reads: requests from before the snapshot instant are part of it.
+            await self._wait_pre(offset, length)
             if not self.done[first : last + 1].any():
                 return await self.child.block_status(offset, length)
             return [Extent(length, AllocationState(0))]  # data: always a safe answer

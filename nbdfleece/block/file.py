@@ -46,6 +46,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import trio
+
 from nbdfleece.block.node import BlockNode, Extent, Segment
 from nbdfleece.block.workers import run_blocking
 from nbdfleece.constants import AllocationState, Errno
@@ -181,6 +183,9 @@ class FileStore(BlockNode):
         self._maybe_sparse = self._seek_holes and st.st_blocks * 512 < self._size
         self._no_copy_range: set[int] = set()
         """Target fds ``copy_file_range`` refused to copy to from here."""
+        self._in_workers = 0
+        """Calls running in worker threads with this store's descriptor."""
+        self._workers_idle: trio.Event | None = None
 
     # -- properties -------------------------------------------------------
     @property
@@ -199,7 +204,23 @@ class FileStore(BlockNode):
         """Run a blocking call: inline on memory-backed files, else in the pool."""
         if self._inline:
             return fn(*args)
-        return await run_blocking(fn, *args)
+        return await self._in_worker((self,), fn, *args)
+
+    @staticmethod
+    async def _in_worker(stores: tuple[FileStore, ...], fn: Callable[..., T], *args: Any) -> T:
+        """A worker call using the descriptors of ``stores``: :meth:`close` waits for
+        it, so a descriptor number is never closed (and reused by another file)
+        under a call still writing through it."""
+        for store in stores:
+            store._in_workers += 1
+        try:
+            return await run_blocking(fn, *args)
+        finally:
+            for store in stores:
+                store._in_workers -= 1
+                if not store._in_workers and store._workers_idle is not None:
+                    store._workers_idle.set()
+                    store._workers_idle = None
 
     async def read(self, offset: int, buf: memoryview, *, sparse: bool = False) -> list[Segment]:
         length = len(buf)
@@ -433,7 +454,7 @@ class FileStore(BlockNode):
         if self._inline and target._inline:
             self._copy_sync(target, offset, length)
         else:
-            await run_blocking(self._copy_sync, target, offset, length)
+            await self._in_worker((self, target), self._copy_sync, target, offset, length)
 
     def _copy_sync(self, target: FileStore, offset: int, length: int) -> None:
         if target._fd not in self._no_copy_range:
@@ -447,6 +468,11 @@ class FileStore(BlockNode):
         _copy_buffered(self._fd, target._fd, offset, length)
 
     async def close(self) -> None:
+        """Close once no worker call uses the descriptor any more."""
+        while self._in_workers:
+            if self._workers_idle is None:
+                self._workers_idle = trio.Event()
+            await self._workers_idle.wait()
         self.close_sync()
 
     def close_sync(self) -> None:

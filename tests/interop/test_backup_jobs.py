@@ -27,8 +27,9 @@ pytestmark = pytest.mark.interop
 Scenario = Callable[[Any, list[dict[str, Any]], str], Awaitable[dict[str, Any]]]
 
 
-def drive(tmp_path: Path, live: Path, scenario: Scenario) -> dict[str, Any]:
-    """Serve ``live`` as writable export ``live`` and run ``scenario(client, events, uri)``."""
+def drive(tmp_path: Path, live: Path, scenario: Scenario, *, fmt: str = "raw") -> dict[str, Any]:
+    """Serve ``live`` (``fmt``: raw over a file node, or qcow2 with its ``file``
+    inline) as writable export ``live`` and run ``scenario(client, events, uri)``."""
     port = free_port()
 
     async def main(sock: Path) -> dict[str, Any]:
@@ -42,8 +43,12 @@ def drive(tmp_path: Path, live: Path, scenario: Scenario) -> dict[str, Any]:
 
         collector = asyncio.create_task(collect())
         x = client.execute
-        await x("blockdev-add", {"driver": "file", "node-name": "live-file", "filename": str(live)})
-        await x("blockdev-add", {"driver": "raw", "node-name": "live", "file": "live-file"})
+        if fmt == "qcow2":
+            await x("blockdev-add", {"driver": "qcow2", "node-name": "live",
+                                     "file": {"driver": "file", "filename": str(live)}})
+        else:
+            await x("blockdev-add", {"driver": "file", "node-name": "live-file", "filename": str(live)})
+            await x("blockdev-add", {"driver": "raw", "node-name": "live", "file": "live-file"})
         await x("nbd-server-start", {"addr": {"type": "inet",
                                               "data": {"host": "127.0.0.1", "port": str(port)}}})
         await x("block-export-add", {"type": "nbd", "id": "live", "node-name": "live", "writable": True})
@@ -232,3 +237,57 @@ def test_cancel_and_validation(tmp_path: Path) -> None:
         assert b0["count"] == SIZE and not b0["busy"]
     assert result["completed"]["offset"] == SIZE
     assert target.read_bytes() == live.read_bytes()
+
+
+def test_qcow2_live_disk_snapshot_push_backup_and_fleecing(tmp_path: Path) -> None:
+    """A live disk that is a qcow2 node (``file`` given inline, as libvirt does): the
+    snapshot export, a push backup and a fleecing target hold the disk's bytes at
+    their instant, never those of the qcow2 file (header, tables) under it."""
+    require("qemu-img", "qemu-io", "nbdcopy")
+    size = 8 << 20
+    live = tmp_path / "live.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(live), str(size)])
+    run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xab 0 1M", "-c", "write -P 0xcd 5M 64k", str(live)])
+    backup = tmp_path / "full.raw"
+    with open(backup, "wb") as f:
+        f.truncate(size)
+    fleece = tmp_path / "fleece.qcow2"
+    run(["qemu-img", "create", "-q", "-f", "qcow2", str(fleece), str(size)])
+
+    async def scenario(client: Any, events: list[dict[str, Any]], live_uri: str) -> dict[str, Any]:
+        x = client.execute
+        uri = live_uri.rsplit("/", 1)[0]
+        await x("blockdev-add", {"driver": "file", "node-name": "bk", "filename": str(backup)})
+        await x("blockdev-add", {"driver": "qcow2", "node-name": "fl", "backing": "live",
+                                 "file": {"driver": "file", "filename": str(fleece)}})
+        before = tmp_path / "before.raw"
+        run(["nbdcopy", live_uri, str(before)])
+        await x("transaction", {"actions": [
+            {"type": "blockdev-backup", "data": {"job-id": "fl0", "device": "live", "target": "fl",
+                                                 "sync": "none"}},
+            {"type": "blockdev-backup", "data": {"job-id": "bk0", "device": "live", "target": "bk",
+                                                 "sync": "full"}},
+        ]})
+        snapshot = await x("x-nbdfleece-snapshot-create", {"name": "snap", "export": "live"})
+        await x("block-export-add", {"type": "nbd", "id": "fl", "node-name": "fl"})
+        run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 2M", "-c", "write -P 0x22 5M 1M", live_uri])
+        completed = await wait_event(events, "BLOCK_JOB_COMPLETED", "bk0")
+        copies = {}
+        for name in ("snap", "fl", "live"):
+            copies[name] = tmp_path / f"{name}.out"
+            run(["nbdcopy", f"{uri}/{name}", str(copies[name])])
+        await x("block-export-del", {"id": "fl"})
+        await x("block-job-cancel", {"device": "fl0"})
+        await x("x-nbdfleece-snapshot-delete", {"name": "snap"})
+        return {"before": before, "snapshot": snapshot, "completed": completed, "copies": copies}
+
+    result = drive(tmp_path, live, scenario, fmt="qcow2")
+    before = result["before"].read_bytes()
+    assert len(before) == size and before[:1 << 20] == b"\xab" * (1 << 20)
+    assert "error" not in result["completed"], result["completed"]
+    assert result["copies"]["snap"].read_bytes() == before
+    assert result["copies"]["fl"].read_bytes() == before
+    assert backup.read_bytes() == before
+    now = result["copies"]["live"].read_bytes()
+    assert now[: 2 << 20] == b"\x11" * (2 << 20) and now[5 << 20 : 6 << 20] == b"\x22" * (1 << 20)
+    run(["qemu-img", "check", "-q", str(live)])

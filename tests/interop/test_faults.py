@@ -544,3 +544,57 @@ def test_really_full_disk_under_the_live_export(server_factory: Any,
     model.check(h.pread(FULL_SIZE, 0), "live export")  # the same connection still works
     h.shutdown()
     model.check(live.read_bytes(), "live image")
+
+
+@pytest.mark.parametrize("teardown", ["blockdev-del", "block-job-cancel", "snapshot-delete"])
+def test_a_guest_write_whose_copy_is_under_way_survives_the_filters_teardown(
+    server_factory: Any, tmp_path: Path, teardown: str
+) -> None:
+    """The copy-before-write filter is taken out and its target closed while a guest
+    write's copy is still reading the old data (``--fault ...,delay=1,once``): the
+    write must succeed; the filter's end must not cost an acknowledged write."""
+    nbd = libnbd()
+    size = 8 * MiB
+    live = tmp_path / "live.raw"
+    random_image(live, size, 21)
+    server: ServerProcess = server_factory(
+        "--export", f"live={live}", "--qmp", "--data-dir", DATA_DIR,
+        "--fault", "live:read,delay=1,once",
+    )
+    qmp = Monitor(server.workdir / DATA_DIR / "qmp.sock")
+    try:
+        node = qmp("query-named-block-nodes")[0]["node-name"]
+        if teardown != "snapshot-delete":
+            target = make_image(tmp_path / "tgt.raw", size)
+            qmp("blockdev-add", {"driver": "file", "node-name": "tgt", "filename": str(target)})
+        if teardown == "blockdev-del":
+            qmp("blockdev-add", {"driver": "copy-before-write", "node-name": "cbw", "file": node,
+                                 "target": "tgt"})
+        elif teardown == "block-job-cancel":
+            qmp("blockdev-backup", {"job-id": "fl", "device": node, "target": "tgt", "sync": "none"})
+        else:
+            qmp("x-nbdfleece-snapshot-create", {"name": "snap", "export": "live"})
+        h = nbd.NBD()
+        h.connect_uri(server.uri("live"))
+        data = b"N" * 4096
+        cookie = h.aio_pwrite(data, 64 * KiB)  # its copy reads the old cluster for 1 s
+        time.sleep(0.3)
+        if teardown == "blockdev-del":
+            qmp("blockdev-del", {"node-name": "cbw"})
+        elif teardown == "block-job-cancel":
+            qmp("block-job-cancel", {"device": "fl"})
+            deadline = time.monotonic() + 30
+            while qmp("query-jobs"):  # dismissed: the target is free to delete
+                assert time.monotonic() < deadline, "the cancelled job never went away"
+                time.sleep(0.01)
+        else:
+            qmp("x-nbdfleece-snapshot-delete", {"name": "snap"})
+        if teardown != "snapshot-delete":
+            qmp("blockdev-del", {"node-name": "tgt"})
+        while not h.aio_command_completed(cookie):  # raises if the write failed
+            h.poll(1)
+        assert h.pread(len(data), 64 * KiB) == data
+        h.shutdown()
+    finally:
+        qmp.close()
+    assert live.read_bytes()[64 * KiB : 64 * KiB + 4096] == data

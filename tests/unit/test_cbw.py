@@ -129,6 +129,17 @@ class FaultyTarget(Layer):
         await super().write(offset, data, fua=fua)
 
 
+class ClosableStore(MemoryStore):
+    """Reads fail with EBADF once ``closed``, as a closed file's do."""
+
+    closed = False
+
+    async def read(self, offset: int, buf: memoryview, *, sparse: bool = False) -> list[Segment]:
+        if self.closed:
+            raise OSError(errno.EBADF, "closed")
+        return await super().read(offset, buf, sparse=sparse)
+
+
 class NowaitStore(MemoryStore):
     """A memory store with the synchronous fast paths (``read_nowait`` only
     with ``nowait_reads``, so that a source without it can be modelled)."""
@@ -1150,6 +1161,39 @@ async def test_file_copy_failures_say_which_side(tmp_path: Any) -> None:
         dst.close_sync()
 
 
+async def test_closing_a_file_store_waits_for_its_worker_calls(tmp_path: Any) -> None:
+    """A descriptor is never closed under a worker call still using it: its
+    number could meanwhile be reused by another file, which would then be written."""
+    import threading
+
+    from nbdfleece.block.file import FileStore
+
+    path = tmp_path / "f.raw"
+    path.write_bytes(bytes(C))
+    store = FileStore("f", str(path))
+    release = threading.Event()
+    sizes: list[int] = []
+
+    def slow(fd: int) -> None:
+        release.wait(30)
+        sizes.append(os.fstat(fd).st_size)  # EBADF if it had been closed
+
+    closed = trio.Event()
+
+    async def close() -> None:
+        await store.close()
+        closed.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(store._in_worker, (store,), slow, store.fileno()))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(close)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not closed.is_set()
+        release.set()
+    assert closed.is_set() and sizes == [C] and store.fileno() == -1
+
+
 @pytest.mark.parametrize("folder", _folders())
 async def test_cbw_between_two_files(folder: str) -> None:
     """The filter over real files: on tmpfs guest writes copy in the fast path,
@@ -1207,6 +1251,100 @@ async def test_drain_waits_for_copies_and_reads_under_way() -> None:
         h.release.set()
     assert drained.is_set() and len(cbw.locks) == 0
     await cbw.drain()  # nothing under way: returns at once
+
+
+
+# -- leaving the chain (snapshot deleted, filter node deleted, job ended) --------------------
+
+async def test_a_copy_failing_after_the_filter_retired_does_not_fail_the_guest_write() -> None:
+    """The owner takes the filter out and closes its target while a guest write's
+    copy is under way: that write must still succeed (nothing needs the copy)."""
+    old = noise(SIZE, 41)
+    src = source_with(old)
+    blocker = Blocker(src)
+    target = FaultyTarget(MemoryStore("tgt", SIZE), errno.EBADF)
+    target.failing = False
+    cbw = CopyBeforeWrite("cbw", blocker, target, cluster_size=C)  # break-guest-write
+    h = blocker.hold("read", C)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cbw.write, C + 10, wrap(b"N" * 100))
+        await h.entered.wait()  # the copy is reading the old data
+        cbw.retired = True
+        target.failing = True  # the target was closed under the copy
+        h.release.set()
+    assert src.data[C + 10 : C + 110] == b"N" * 100
+    assert cbw.broken is None
+
+
+async def test_a_guest_write_that_gets_the_lock_after_retirement_copies_nothing() -> None:
+    old = noise(SIZE, 42)
+    src = source_with(old)
+    blocker = Blocker(src)
+    tgt = MemoryStore("tgt", SIZE)
+    cbw = CopyBeforeWrite("cbw", blocker, tgt, cluster_size=C)
+    h = blocker.hold("read", 3 * C)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(snap, cbw, 3 * C, C)  # holds the shared lock on cluster 3
+        await h.entered.wait()
+        nursery.start_soon(cbw.write, 3 * C, wrap(b"W" * 10))
+        await trio.testing.wait_all_tasks_blocked()  # the write waits for the lock
+        cbw.retired = True
+        h.release.set()
+    assert cbw.copied_bytes == 0 and bytes(tgt.data) == bytes(SIZE)
+    assert src.data[3 * C : 3 * C + 10] == b"W" * 10
+
+
+async def test_a_snapshot_read_waiting_when_the_snapshot_is_deleted_gets_eshutdown() -> None:
+    """It must not go on to read a target that its owner is closing."""
+    old = noise(SIZE, 43)
+    src = source_with(old)
+    blocker = Blocker(src)
+    target = ClosableStore("tgt", SIZE)
+    cbw = CopyBeforeWrite("cbw", blocker, target, cluster_size=C)
+    h = blocker.hold("read", 5 * C)
+    failures: list[OSError] = []
+
+    async def reader() -> None:
+        try:
+            await snap(cbw, 5 * C, C)
+        except OSError as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cbw.write, 5 * C, wrap(b"x"))
+        await h.entered.wait()  # the write's copy holds the exclusive lock
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        cbw.deleted = cbw.retired = True
+        target.closed = True
+        h.release.set()
+    assert [e.errno for e in failures] == [errno.ESHUTDOWN]
+
+
+async def test_status_counts_a_write_in_flight_at_the_snapshot_instant_as_a_read_does() -> None:
+    """``snapshot_status`` waits for pre-snapshot requests as ``snapshot_read`` does,
+    or it could report a hole of zeroes where the snapshot then reads data."""
+    src = ZeroAware("src", SIZE)
+    blocker = Blocker(src)
+    tracking = DirtyTracking("live", blocker)
+    h = blocker.hold("write", 0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(tracking.write, 0, wrap(b"P" * C))  # in flight at the snapshot instant
+        await h.entered.wait()
+        cbw = CopyBeforeWrite("cbw", blocker, MemoryStore("tgt", SIZE), cluster_size=C,
+                              pre_inflight=tracking.in_flight())
+        tracking.child = cbw
+        status: list[list[Extent]] = []
+
+        async def ask() -> None:
+            status.append(await cbw.snapshot_status(0, C))
+
+        nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        assert status == []  # waits for the write
+        h.release.set()
+    assert await snap(cbw, 0, C) == b"P" * C
+    assert not status[0][0].flags & AllocationState.ZERO
 
 
 # -- the target's gate (its crash-recovery journal entry, recovery.py) -------------------------
