@@ -24,6 +24,7 @@ are loaded into the ``file`` node that opens the image and move up to the
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -100,6 +101,8 @@ class BlockGraph:
 
     def __init__(self) -> None:
         self.nodes: dict[str, GraphNode] = {}
+        self._qcow2_users: dict[tuple[int, int], dict[str, bool]] = {}
+        """Open qcow2 images (device, inode) -> {node name: writable}."""
 
     def __iter__(self) -> Iterator[GraphNode]:
         return iter(list(self.nodes.values()))
@@ -173,11 +176,14 @@ class BlockGraph:
             below: BlockNode = store
         else:
             below = file.top
+        image = store if store is not None else file.image() if isinstance(file, GraphNode) else None
+        key = self._claim_qcow2(name, image, writable=not (read_only or below.read_only))
         try:
             qcow2 = Qcow2Node(
                 name, below, backing="header" if backing is None else backing.top, read_only=read_only
             )
         except (Qcow2Error, OSError) as exc:
+            self._release_qcow2(name, key)
             if store is not None:
                 store.close_sync()
             raise ControlError(str(exc)) from None
@@ -226,6 +232,29 @@ class BlockGraph:
         log.info("fault rule on '%s': %s", node.name, spec.describe())
         return layer
 
+    def _claim_qcow2(self, name: str, image: FileStore | None, *, writable: bool) -> tuple[int, int] | None:
+        """One qcow2 node per image while any of them writes (QEMU's image locking,
+        within this process): two allocators on one file would hand out the same
+        clusters, and a reader would follow tables a writer is changing."""
+        if image is None:
+            return None
+        st = os.fstat(image.fileno())
+        key = (st.st_dev, st.st_ino)
+        users = self._qcow2_users.setdefault(key, {})
+        if users and (writable or any(users.values())):
+            lock = '"write" lock' if writable else 'shared "write" lock'
+            raise ControlError(f"Failed to get {lock}")
+        users[name] = writable
+        return key
+
+    def _release_qcow2(self, name: str, key: tuple[int, int] | None) -> None:
+        if key is None or key not in self._qcow2_users:
+            return
+        users = self._qcow2_users[key]
+        users.pop(name, None)
+        if not users:
+            del self._qcow2_users[key]
+
     async def remove(self, name: str) -> None:
         node = self.node(name)
         if node.users:
@@ -233,6 +262,9 @@ class BlockGraph:
         for bitmap in node.bitmaps.values():
             if bitmap.busy:
                 raise ControlError(f"Node '{name}' is busy: bitmap '{bitmap.name}' is in use")
+        for key, users in list(self._qcow2_users.items()):
+            if name in users:
+                self._release_qcow2(name, key)
         store = node.image()
         if node.detach is not None:
             node.detach()

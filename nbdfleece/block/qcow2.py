@@ -51,6 +51,7 @@ metadata update and table load.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -568,6 +569,10 @@ class Qcow2Node(BlockNode):
         self._owns_file = owns_file
         self._closed = False
 
+        if stat.S_ISBLK(os.fstat(self._fd).st_mode):
+            # Its length is not the data's end (fstat says 0): reads would find
+            # zeroes and the allocator would hand out the header's cluster.
+            raise Qcow2Error(f"'{self._store.path}': qcow2 images on block devices are not supported")
         head = _pread_exact(self._fd, HEADER_V3_MIN, 0, "the header")
         if head[:4] != MAGIC:
             raise Qcow2Error(f"'{self._store.path}' is not a qcow2 image (bad magic)")

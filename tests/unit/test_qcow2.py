@@ -657,3 +657,50 @@ async def test_graph_add_qcow2(tmp_path: Path) -> None:
         await node.top.close()
     await graph.close()
 
+
+async def test_graph_opens_a_qcow2_image_once_while_it_is_written(tmp_path: Path) -> None:
+    """Two writable qcow2 nodes on one image would allocate the same clusters (QEMU
+    refuses with its image lock); readers may share an image nobody writes."""
+    create_qcow2(tmp_path / "a.qcow2", MiB)
+    graph = BlockGraph()
+    graph.add_qcow2("a", str(tmp_path / "a.qcow2"))
+    with pytest.raises(ControlError, match=r'^Failed to get "write" lock$'):
+        graph.add_qcow2("b", str(tmp_path / "a.qcow2"))
+    with pytest.raises(ControlError, match=r'^Failed to get shared "write" lock$'):
+        graph.add_qcow2("c", str(tmp_path / "a.qcow2"), read_only=True)
+    a_file = graph.add_file("a-file", str(tmp_path / "a.qcow2"))  # the same image through a file node
+    with pytest.raises(ControlError, match="lock"):
+        graph.add_qcow2("d", a_file)
+    assert not {"b", "c", "d"} & set(graph.nodes)
+    await graph.remove("a")
+    await graph.remove("a-file")
+    r1 = graph.add_qcow2("r1", str(tmp_path / "a.qcow2"), read_only=True)
+    r2 = graph.add_qcow2("r2", str(tmp_path / "a.qcow2"), read_only=True)
+    with pytest.raises(ControlError, match=r'^Failed to get "write" lock$'):
+        graph.add_qcow2("w", str(tmp_path / "a.qcow2"))
+    assert r1.top.read_only and r2.top.read_only
+    await graph.remove("r1")
+    await graph.remove("r2")
+    w = graph.add_qcow2("w", str(tmp_path / "a.qcow2"))  # free again
+    await w.top.write(0, memoryview(b"x" * 512))
+    await graph.close()
+
+
+def test_qcow2_on_a_block_device_is_refused(tmp_path: Path) -> None:
+    """Its size is not where the data ends (fstat says 0): refused, not corrupted."""
+    if os.geteuid() != 0 or not shutil.which("losetup") or not os.path.exists("/dev/loop-control"):
+        pytest.skip("needs root and loop devices")
+    image = tmp_path / "dev.qcow2"
+    create_qcow2(image, MiB)
+    proc = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"losetup: {proc.stderr.strip()}")
+    device = proc.stdout.strip()
+    try:
+        before = Path(device).read_bytes()[:4096]
+        with pytest.raises(Qcow2Error, match="block devices are not supported"):
+            open_qcow2(device)
+        assert Path(device).read_bytes()[:4096] == before
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=False)
+
