@@ -26,7 +26,7 @@ from nbdfleece.block.tracking import DirtyTracking
 from nbdfleece.constants import QEMU_ALLOCATION_DEPTH, QEMU_DIRTY_BITMAP_PREFIX, AllocationState
 from nbdfleece.exports import Export, ExportRegistry, ExtentProvider
 from nbdfleece.extents import ExtentArray, as_extents
-from nbdfleece.graph import BlockGraph, ControlError, GraphNode
+from nbdfleece.graph import BlockGraph, ControlError, GraphNode, id_wellformed
 from nbdfleece.qmp.events import EventBroadcaster
 from nbdfleece.recovery import Interrupted, JobJournal, recover
 from nbdfleece.server import Server, describe_listener, open_listener
@@ -228,7 +228,7 @@ class Daemon:
         if self.registry.get(nbd_name) is not None and nbd_name != "":
             raise ControlError(f"NBD server already has export named '{nbd_name}'")
         if writable and node.top.read_only:
-            raise ControlError(f"Cannot export node '{node_name}' writable: it is read-only")
+            raise ControlError("Cannot export read-only node as writable")
         providers: dict[str, ExtentProvider] = {}
         if allocation_depth:
             providers[QEMU_ALLOCATION_DEPTH] = allocation_depth_provider(node)
@@ -244,7 +244,7 @@ class Daemon:
                 raise ControlError(f"Bitmap '{bitmap.name}' is inconsistent and cannot be used")
             context = QEMU_DIRTY_BITMAP_PREFIX + bitmap.name
             if context in providers:
-                raise ControlError(f"Bitmap '{bitmap.name}' is exported twice")
+                continue  # named twice: QEMU accepts it; the context is offered once
             providers[context] = bitmap_provider(bitmap)
             chosen.append(bitmap)
         export = Export(nbd_name, node.top, read_only=not writable, description=description,
@@ -447,15 +447,17 @@ class Daemon:
                                on_cbw_error=on_cbw_error, bitmap=bitmap, cbw_timeout=cbw_timeout)
 
     def _job_nodes(self, job_id: str, device: str, target: str) -> tuple[GraphNode, GraphNode]:
-        """The checks every backup job starts with: (source, target) nodes."""
-        if job_id in self.jobs:
-            raise ControlError(f"Job ID '{job_id}' already in use")
+        """The checks every backup job starts with, in QEMU's order: (source, target) nodes."""
         source = self.graph.node(device)
         dest = self.graph.node(target)
         if dest is source or self._image_node(dest) is self._image_node(source):
             raise ControlError("Source and target cannot be the same")
         if dest.top.size < source.top.size:
             raise ControlError("Source and target image have different sizes")
+        if not id_wellformed(job_id):  # no job-id: QEMU's default, the BlockBackend's name, is ''
+            raise ControlError(f"Invalid job ID '{job_id}'")
+        if job_id in self.jobs:
+            raise ControlError(f"Job ID '{job_id}' already in use")
         return source, dest
 
     def start_fleecing(
@@ -470,8 +472,8 @@ class Daemon:
         point-in-time view.  The job is ``created``; :meth:`start_job` runs it.
         """
         source, dest = self._job_nodes(job_id, device, target)
-        if any(j.target is dest for j in self.jobs.values()):
-            raise ControlError(f"Node '{target}' is busy: block device is in use by block job")
+        if any(j.target is dest and j.status != "concluded" for j in self.jobs.values()):
+            raise ControlError(f"Node '{target}' is busy: block device is in use by block job: backup")
         base = self._image_node(source)
         data = dest.top.child
         cbw = self._new_cbw(base, job_id, data, on_cbw_error)
@@ -510,8 +512,8 @@ class Daemon:
         source, dest = self._job_nodes(job_id, device, target)
         if dest.top.read_only:
             raise ControlError(f"Node '{target}' is read-only")
-        if any(j.target is dest for j in self.jobs.values()):
-            raise ControlError(f"Node '{target}' is busy: block device is in use by block job")
+        if any(j.target is dest and j.status != "concluded" for j in self.jobs.values()):
+            raise ControlError(f"Node '{target}' is busy: block device is in use by block job: backup")
         live_bitmap: DirtyBitmap | None = None
         if bitmap is not None:
             live_bitmap = source.bitmaps.get(bitmap)
@@ -681,6 +683,7 @@ class Daemon:
     def _finalize(self, job: BackupJob, error: OSError | None = None) -> None:
         """``job_finalize_single``: commit or abort, clean up, report, conclude."""
         self._clean(job, error)
+        job.target.users -= 1  # as in QEMU, a concluded job's target can be deleted
         if job.started:
             offset, length = self.job_progress(job)
             data: dict[str, object] = {"device": job.id, "len": length, "offset": offset,
@@ -729,7 +732,6 @@ class Daemon:
         self._transition(job, "null")
         del self.jobs[job.id]
         job.device.users -= 1
-        job.target.users -= 1
 
     def _transition(self, job: BackupJob, status: str) -> None:
         """Change the job's status (QEMU's allowed transitions) and tell every monitor."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -50,6 +51,14 @@ class ControlError(Exception):
         super().__init__(desc)
         self.desc = desc
         self.error_class = error_class
+
+
+_WELLFORMED_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
+
+
+def id_wellformed(name: str) -> bool:
+    """QEMU's ``id_wellformed``: a letter, then letters, digits, ``-``, ``.``, ``_``."""
+    return _WELLFORMED_ID.match(name) is not None
 
 
 @dataclass(eq=False)
@@ -329,7 +338,11 @@ class BlockGraph:
 
     # -- bitmap lookups -----------------------------------------------------------
     def bitmap(self, node: str, name: str) -> DirtyBitmap:
-        found = self.node(node).bitmaps.get(name)
+        """QEMU's ``block_dirty_bitmap_lookup`` (its texts differ from :meth:`node`'s)."""
+        owner = self.nodes.get(node)
+        if owner is None:
+            raise ControlError(f"Node '{node}' not found")
+        found = owner.bitmaps.get(name)
         if found is None:
             raise ControlError(f"Dirty bitmap '{name}' not found")
         return found
@@ -353,18 +366,19 @@ class BlockGraph:
         persistent: bool = False,
         disabled: bool = False,
     ) -> Undo:
-        target = self.node(node)
+        # QEMU 7.2's order of checks (qmp_block_dirty_bitmap_add, bdrv_create_dirty_bitmap).
         if not name:
             raise ControlError("Bitmap name cannot be empty")
-        if len(name.encode()) > MAX_BITMAP_NAME:
-            raise ControlError(f"Bitmap name too long: {name}")
-        if name in target.bitmaps:
-            raise ControlError(f"Bitmap already exists: {name}")
+        target = self.node(node)
         gran = DEFAULT_GRANULARITY if granularity is None else granularity
         if not valid_granularity(gran):
             raise ControlError("Granularity must be power of 2 and at least 512")
         if persistent and (target.image() is None or target.top.read_only):
             raise ControlError(f"Can't store persistent bitmaps to {node}: Operation not supported")
+        if name in target.bitmaps:
+            raise ControlError(f"Bitmap already exists: {name}")
+        if len(name.encode()) > MAX_BITMAP_NAME:
+            raise ControlError(f"Bitmap name too long: {name}")
         bitmap = DirtyBitmap(name, target.top.size, gran, recording=not disabled, persistent=persistent)
         target.bitmaps[name] = bitmap
         if persistent:
@@ -378,8 +392,8 @@ class BlockGraph:
         return undo
 
     def bitmap_remove(self, node: str, name: str) -> Undo:
-        target = self.node(node)
         bitmap = self.bitmap(node, name)
+        target = self.node(node)
         if bitmap.busy:
             self._usable(bitmap, modify=True)
         del target.bitmaps[name]
@@ -416,18 +430,27 @@ class BlockGraph:
         return undo
 
     def bitmap_merge(self, node: str, target: str, sources: list[str | dict[str, str]]) -> Undo:
+        """QEMU 7.2's order: the target found; then for each source: found, the
+        target usable, the source usable (a busy one too is refused), same size."""
         dest = self.bitmap(node, target)
-        self._usable(dest, modify=True)
         resolved = []
         for src in sources:
-            src_node, src_name = (node, src) if isinstance(src, str) else (src["node"], src["name"])
-            bitmap = self.bitmap(src_node, src_name)
-            self._usable(bitmap, modify=False)
+            if isinstance(src, str):
+                found = self.nodes[node].bitmaps.get(src)
+                if found is None:
+                    raise ControlError(f"Dirty bitmap '{src}' not found")
+                bitmap = found
+            else:
+                bitmap = self.bitmap(src["node"], src["name"])
+            self._usable(dest, modify=True)
+            self._usable(bitmap, modify=True)
             if bitmap.size != dest.size:
                 raise ControlError(
-                    f"Bitmap '{bitmap.name}' has a different size than '{dest.name}'"
+                    f"Bitmaps are of different sizes (destination size is {dest.size}, "
+                    f"source size is {bitmap.size}) and can't be merged"
                 )
             resolved.append(bitmap)
+        self._usable(dest, modify=True)  # also with no source at all
         saved = dest.bits.copy()
         for bitmap in resolved:
             dest.merge_from(bitmap)

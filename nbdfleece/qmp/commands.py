@@ -25,7 +25,6 @@ import hashlib
 import itertools
 import logging
 import os
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +42,7 @@ from nbdfleece.block.nbd import NbdNode
 from nbdfleece.client import NbdAddress, NbdConnectionError
 from nbdfleece.daemon import BackupJob, Daemon, JobTxn, check_speed
 from nbdfleece.errors import ConfigError
-from nbdfleece.graph import ControlError, GraphNode, Undo
+from nbdfleece.graph import ControlError, GraphNode, Undo, id_wellformed
 from nbdfleece.qmp.protocol import CAPABILITIES_ARGS, version_info
 from nbdfleece.qmp.schema import (
     BOOL,
@@ -74,7 +73,6 @@ PACKAGE = f"nbdfleece {__version__}"
 MAX_NODE_NAME = 31
 """QEMU keeps node names in a 32-byte buffer."""
 MAX_DESCRIPTION = 4096
-_WELLFORMED_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +141,6 @@ async def execute(daemon: Daemon, name: str, arguments: Args) -> Any:
         raise QmpError(exc.desc, exc.error_class) from None
     await daemon.journal.sync()  # what the command started is journaled before it replies
     return result
-
-
-def id_wellformed(name: str) -> bool:
-    """QEMU's ``id_wellformed``: a letter, then letters, digits, ``-``, ``.``, ``_``."""
-    return _WELLFORMED_ID.match(name) is not None
 
 
 # -- monitor --------------------------------------------------------------------------
@@ -476,6 +469,8 @@ async def blockdev_del(daemon: Daemon, args: Args) -> None:
     node = daemon.graph.nodes.get(name)
     if node is None:
         raise QmpError(f"Failed to find node with node-name='{name}'")
+    if any(job.target is node and job.status != "concluded" for job in daemon.jobs.values()):
+        raise QmpError(f"Node '{name}' is busy: block device is in use by block job: backup")
     if any(record.node is node for record in daemon.exports.values()):
         raise QmpError(f"Node {name} is in use")
     if node.implicit:
@@ -556,13 +551,15 @@ async def block_export_add(daemon: Daemon, args: Args) -> None:
         raise QmpError(f"Cannot find device='' nor node-name='{node_name}'")
     writable = args.get("writable", False)
     if writable and node.top.read_only:
-        raise QmpError("Block node is read-only")
+        raise QmpError("Cannot export read-only node as writable")
     name: str = args.get("name", node_name)
     description: str = args.get("description", "")
     if len(name.encode()) > MAX_DESCRIPTION:
         raise QmpError(f"export name '{name}' too long")
     if len(description.encode()) > MAX_DESCRIPTION:
         raise QmpError(f"description '{description}' too long")
+    if daemon.registry.get(name) is not None:  # before the bitmaps, as in QEMU
+        raise QmpError(f"NBD server already has export named '{name}'")
     for ref in args.get("bitmaps", []):
         _check_export_bitmap(daemon, node, ref, writable=writable)
     daemon.add_export(
@@ -812,6 +809,34 @@ BITMAP_SYNC_MODE = Enum("BitmapSyncMode", ("on-success", "never", "always"))
 ERROR_ACTION = Enum("BlockdevOnError", ("report", "ignore", "enospc", "stop", "auto"))
 
 
+def _check_backup_options(daemon: Daemon, args: Args) -> None:
+    """QEMU 7.2's checks of ``blockdev-backup``'s options, in its order (do_backup_common)."""
+    device = daemon.graph.node(args["device"])
+    daemon.graph.node(args["target"])
+    sync = args["sync"]
+    mode = args.get("bitmap-mode")
+    if sync in ("bitmap", "incremental") and "bitmap" not in args:
+        raise QmpError(f"must provide a valid bitmap name for '{sync}' sync mode")
+    if sync == "incremental":
+        if mode not in (None, "on-success"):
+            raise QmpError("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'")
+        sync, mode = "bitmap", "on-success"
+    if "bitmap" in args:
+        bitmap = device.bitmaps.get(args["bitmap"])
+        if bitmap is None:
+            raise QmpError(f"Bitmap '{args['bitmap']}' could not be found")
+        if mode is None:
+            raise QmpError("Bitmap sync mode must be given when providing a bitmap")
+        daemon.graph._usable(bitmap, modify=True)
+        if sync == "none":
+            raise QmpError("sync mode 'none' does not produce meaningful bitmap outputs")
+        if mode == "never" and sync != "bitmap":
+            raise QmpError(f"Bitmap sync mode 'never' has no meaningful effect when combined "
+                           f"with sync mode '{sync}'")
+    elif mode is not None:
+        raise QmpError("Cannot specify bitmap sync mode without a bitmap")
+
+
 @action("blockdev-backup", grouped=True, members={
     "*job-id": STR, "device": STR, "target": STR, "sync": SYNC_MODE, "*speed": INT,
     "*bitmap": STR, "*bitmap-mode": BITMAP_SYNC_MODE, "*compress": BOOL,
@@ -821,25 +846,12 @@ ERROR_ACTION = Enum("BlockdevOnError", ("report", "ignore", "enospc", "stop", "a
 def blockdev_backup(daemon: Daemon, args: Args) -> Undo:
     """``sync: none`` is image fleecing: copy-before-write into ``target`` until cancelled;
     the other modes are push backups, run by a background task (``Daemon.start_push_backup``)."""
-    sync = args["sync"]
-    if sync == "none" and "bitmap" in args:
-        raise QmpError("sync mode 'none' does not produce meaningful bitmap outputs")
-    if "bitmap" in args and "bitmap-mode" not in args and sync == "bitmap":
-        raise QmpError("Bitmap sync mode must be given when providing a bitmap")
-    if "bitmap-mode" in args and "bitmap" not in args:
-        raise QmpError("Cannot specify bitmap sync mode without a bitmap")
-    if sync in ("bitmap", "incremental") and "bitmap" not in args:
-        raise QmpError(f"Must provide a valid bitmap name for '{sync}' sync mode")
-    if "bitmap" in args and "bitmap-mode" not in args and sync in ("full", "top"):
-        raise QmpError("Bitmap sync mode must be given when providing a bitmap")
-    if sync == "incremental" and args.get("bitmap-mode", "on-success") != "on-success":
-        raise QmpError("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'")
-    job_id: str = args["job-id"] if "job-id" in args else args["device"]
-    if "job-id" in args and not id_wellformed(job_id):
-        raise QmpError(f"Invalid job ID '{job_id}'")
+    _check_backup_options(daemon, args)
+    job_id: str = args.get("job-id", "")  # checked with the nodes (Daemon._job_nodes)
     manual = {"auto_finalize": args.get("auto-finalize", True),
               "auto_dismiss": args.get("auto-dismiss", True)}
     speed = check_speed(args.get("speed", 0))  # before the job exists
+    sync = args["sync"]
     if sync == "none":
         job = daemon.start_fleecing(job_id, args["device"], args["target"], **manual)
     else:

@@ -225,7 +225,7 @@ def test_cancel_and_validation(tmp_path: Path) -> None:
     assert result["errors"] == [
         "Bitmap sync mode must be given when providing a bitmap",
         "sync mode 'none' does not produce meaningful bitmap outputs",
-        "Must provide a valid bitmap name for 'incremental' sync mode",
+        "must provide a valid bitmap name for 'incremental' sync mode",
         "Bitmap 'nope' could not be found",
         "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'",
     ]

@@ -109,7 +109,7 @@ def test_manual_finalize_and_dismiss(tmp_path: Path) -> None:
         ("GenericError", "Job 'j0' in state 'pending' cannot accept command verb 'complete'"),
         ("GenericError", "Job not found"),
         ("DeviceNotActive", "Block job 'nope' not found"),
-        ("GenericError", "Block device tgt is in use"),
+        ("GenericError", "Node 'tgt' is busy: block device is in use by block job: backup"),
         ("GenericError", "Job ID 'j0' already in use"),
     ]
     assert r["concluded_jobs"][0]["status"] == "concluded" and "error" not in r["concluded_jobs"][0]

@@ -497,3 +497,82 @@ def test_non_loopback_qmp_is_refused_at_start_up(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0
     assert "refusing to listen on non-loopback host '192.0.2.1'" in proc.stderr
+
+
+def test_error_texts_and_order_as_qemu_storage_daemon(tmp_path: Path, short_dir: Path) -> None:
+    """Answers compared with qemu-storage-daemon 7.2.22 on the same sequence: bitmap
+    lookups, the order of the merge, add, export and blockdev-backup checks, and a
+    job's target, busy while the job runs and free once it is finalized."""
+    from tests.conftest import qmp_only_server
+
+    for name in ("n1.raw", "n2.raw", "t1.raw"):
+        make_image(tmp_path / name, 64 * MiB)
+    make_image(tmp_path / "small.raw", 32 * MiB)
+
+    async def body(client: QMPClient) -> None:
+        x = client.execute
+        await x("blockdev-add", {"driver": "raw", "node-name": "n1",
+                                 "file": {"driver": "file", "filename": str(tmp_path / "n1.raw")}})
+        await x("blockdev-add", {"driver": "raw", "node-name": "s1",
+                                 "file": {"driver": "file", "filename": str(tmp_path / "small.raw")}})
+        await x("blockdev-add", {"driver": "raw", "node-name": "t1",
+                                 "file": {"driver": "file", "filename": str(tmp_path / "t1.raw")}})
+        await x("blockdev-add", {"driver": "raw", "node-name": "ro", "read-only": True,
+                                 "file": {"driver": "file", "filename": str(tmp_path / "n2.raw"),
+                                          "read-only": True}})
+        for name, disabled in (("b0", False), ("d0", True), ("d1", True)):
+            await x("block-dirty-bitmap-add", {"node": "n1", "name": name, "disabled": disabled})
+        await x("block-dirty-bitmap-add", {"node": "s1", "name": "s0"})
+        await x("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(short_dir / "n.sock")}}})
+        for verb in ("remove", "clear", "enable", "disable"):
+            assert await error_of(client, f"block-dirty-bitmap-{verb}", {"node": "nope", "name": "b0"}) \
+                == "Node 'nope' not found"
+        merge = "block-dirty-bitmap-merge"
+        assert await error_of(client, merge, {"node": "n1", "target": "b0",
+                                              "bitmaps": [{"node": "nope", "name": "x"}]}) \
+            == "Node 'nope' not found"
+        assert await error_of(client, merge, {"node": "n1", "target": "b0",
+                                              "bitmaps": [{"node": "s1", "name": "s0"}]}) \
+            == ("Bitmaps are of different sizes (destination size is 67108864, source size is "
+                "33554432) and can't be merged")
+        assert await error_of(client, "block-dirty-bitmap-add",
+                              {"node": "n1", "name": "b0", "granularity": 1000}) \
+            == "Granularity must be power of 2 and at least 512"
+        assert await error_of(client, "block-export-add", {"type": "nbd", "id": "w", "node-name": "ro",
+                                                           "writable": True}) \
+            == "Cannot export read-only node as writable"
+        # d0 exported (busy), named twice as QEMU accepts.
+        await x("block-export-add", {"type": "nbd", "id": "e1", "node-name": "n1", "bitmaps": ["d0", "d0"]})
+        assert await error_of(client, "block-export-add", {"type": "nbd", "id": "e2", "node-name": "n1",
+                                                           "bitmaps": ["d0"]}) \
+            == "NBD server already has export named 'n1'"
+        assert await error_of(client, merge, {"node": "n1", "target": "d0", "bitmaps": ["zz"]}) \
+            == "Dirty bitmap 'zz' not found"
+        assert await error_of(client, merge, {"node": "n1", "target": "d1", "bitmaps": ["d0"]}) \
+            == BUSY.format("d0")
+        backup = {"device": "n1", "target": "t1"}
+        assert await error_of(client, "blockdev-backup", {**backup, "sync": "none", "bitmap": "zz"}) \
+            == "Bitmap 'zz' could not be found"
+        assert await error_of(client, "blockdev-backup", {**backup, "sync": "incremental"}) \
+            == "must provide a valid bitmap name for 'incremental' sync mode"
+        assert await error_of(client, "blockdev-backup", {**backup, "sync": "full", "bitmap": "b0",
+                                                          "bitmap-mode": "never", "job-id": "j0"}) \
+            == "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode 'full'"
+        assert await error_of(client, "blockdev-backup", {**backup, "sync": "full"}) == "Invalid job ID ''"
+        assert await error_of(client, "blockdev-backup", {"device": "n1", "target": "n1", "sync": "full"}) \
+            == "Source and target cannot be the same"
+        await x("blockdev-backup", {**backup, "sync": "full", "job-id": "j0",
+                                    "auto-finalize": False, "auto-dismiss": False})
+        deadline = time.monotonic() + 30
+        while (await x("query-jobs"))[0]["status"] != "pending":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        assert await error_of(client, "blockdev-del", {"node-name": "t1"}) \
+            == "Node 't1' is busy: block device is in use by block job: backup"
+        assert await error_of(client, "blockdev-del", {"node-name": "n1"}) == "Node n1 is in use"
+        await x("job-finalize", {"id": "j0"})
+        await x("blockdev-del", {"node-name": "t1"})  # concluded: its target is free
+        await x("job-dismiss", {"id": "j0"})
+
+    with qmp_only_server(tmp_path) as sock:
+        with_client(sock, body)
