@@ -100,7 +100,9 @@ OFLAG_ZERO = 1 << 0
 MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
 MAX_BACKING_NAME = 1023
-MAX_BACKING_DEPTH = 16
+MAX_BACKING_DEPTH = 128
+"""Images below the top one that a chain may hold (the backup agent's chains of incrementals
+grow to this); deeper means a loop.  Reads recurse once per image, well within Python's limit."""
 L2_CACHE_BYTES = 32 << 20
 REFBLOCK_CACHE_BYTES = 8 << 20
 POOL_BATCH_MIN = 16
@@ -670,7 +672,8 @@ class Qcow2Node(BlockNode):
         if hdr.backing_file is None:
             return None
         if depth >= MAX_BACKING_DEPTH:
-            raise Qcow2Error(f"backing chain of '{self._store.path}' is too deep (a loop?)")
+            raise Qcow2Error(f"backing chain of '{self._store.path}' is too deep (more than "
+                             f"{MAX_BACKING_DEPTH} backing images, or a loop)")
         path = hdr.backing_file
         if not os.path.isabs(path):
             path = os.path.join(os.path.dirname(os.path.abspath(self._store.path)), path)

@@ -255,3 +255,33 @@ async def test_other_pieces_are_checked_like_sha256(tmp_path: Path, algorithm: s
     image.write_bytes(bytes(blob))
     assert (await verify(folder))[1] == [
         "point 3 (point-0003.qcow2): content checksum mismatch (the image was modified or damaged)"]
+
+
+async def test_chains_stay_restorable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain one image longer than a restore opens: verify names it, and the agent takes
+    a full backup instead of the incremental that would make it (the limit is lowered to 3
+    here; the real one is ``qcow2.MAX_BACKING_DEPTH``)."""
+    import nbdfleece.block.qcow2 as qcow2
+    import nbdfleece_backup.agent as agent
+    import nbdfleece_backup.report as report
+    from nbdfleece_backup.snapshot import BitmapState
+
+    for module in (qcow2, agent, report):
+        monkeypatch.setattr(module, "MAX_BACKING_DEPTH", 3)
+    folder = tmp_path / "backups"
+    states = await build_chain(folder, count=5)  # full + 4 incrementals: point 5 sits on 5 images
+    await restore(folder, 4, str(tmp_path / "p4.raw"), progress=QUIET)  # 4 images: opens
+    assert (tmp_path / "p4.raw").read_bytes() == bytes(states[3])
+    _, problems = await verify(folder)
+    assert problems == ["point 5 (point-0005.qcow2): its chain holds 5 images, more than a restore "
+                        "opens (4): restore it with qemu-img convert, or prune"], problems
+    async with Folder(folder, write=False) as f:
+        m = f.manifest
+        last = m.points[3]  # pretend point 4 is the newest: one more incremental makes 5
+        m.points = m.points[:4]
+        state = BitmapState(last.bitmap, recording=True, busy=False, inconsistent=False,
+                            persistent=True, granularity=65536, count=0)
+        reason = agent.incremental_blocker(m, {last.bitmap: state}, SIZE)
+        assert reason is not None and "chain of 4 images" in reason
+        m.points = m.points[:3]
+        assert agent.incremental_blocker(m, {m.points[-1].bitmap: state}, SIZE) is None

@@ -704,3 +704,29 @@ def test_qcow2_on_a_block_device_is_refused(tmp_path: Path) -> None:
     finally:
         subprocess.run(["losetup", "--detach", device], check=False)
 
+
+
+async def test_a_backing_chain_as_deep_as_allowed_opens_and_reads(tmp_path: Path) -> None:
+    """A backup agent's chain of incrementals: MAX_BACKING_DEPTH images under the top
+    one open and read (each level's write shows through); one more is refused."""
+    from nbdfleece.block.qcow2 import MAX_BACKING_DEPTH
+
+    size = (MAX_BACKING_DEPTH + 2) * 512
+    names = [f"p{i:03d}.qcow2" for i in range(MAX_BACKING_DEPTH + 2)]
+    for i, name in enumerate(names):
+        create_qcow2(tmp_path / name, size, cluster_size=512,
+                     backing_file=names[i - 1] if i else None, backing_format="qcow2" if i else None)
+        node = open_qcow2(tmp_path / name, backing=None)
+        try:
+            await node.write(i * 512, memoryview(bytes([i + 1]) * 512))
+        finally:
+            await node.close()
+    top = open_qcow2(tmp_path / names[-2], read_only=True)  # MAX_BACKING_DEPTH + 1 images
+    try:
+        buf = bytearray(size)
+        await top.read(0, memoryview(buf))
+        assert buf == b"".join(bytes([i + 1]) * 512 for i in range(MAX_BACKING_DEPTH + 1)) + bytes(512)
+    finally:
+        await top.close()
+    with pytest.raises(Qcow2Error, match="too deep"):
+        open_qcow2(tmp_path / names[-1], read_only=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import trio
 
+from nbdfleece.block.qcow2 import MAX_BACKING_DEPTH
 from nbdfleece.client import NbdClient, NbdError
 from nbdfleece.constants import QEMU_DIRTY_BITMAP_PREFIX
 from nbdfleece_backup.connections import Connections, Tls, describe, export_uri, open_connections, tls_for
@@ -97,6 +98,10 @@ def incremental_blocker(manifest: Manifest, bitmaps: dict[str, BitmapState], siz
         return f"bitmap '{last.bitmap}' is in use by another operation on the server"
     if not state.recording:
         return f"bitmap '{last.bitmap}' is disabled: changes since point {last.seq} may have been missed"
+    images = len(manifest.chain(last.seq))
+    if images > MAX_BACKING_DEPTH:  # one more would make a chain no restore can open
+        return (f"point {last.seq} already sits on a chain of {images} images, the most a restore "
+                "opens (prune merges old points into newer ones)")
     return None
 
 
