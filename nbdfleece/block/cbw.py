@@ -436,10 +436,10 @@ class CopyBeforeWrite(Layer):
             if self.timeout:
                 return await self._timed_copy_phase(first, last)
             return await self._copy_phase(first, last)
-        except OSError as exc:
+        except (OSError, RequestError) as exc:
             if self.retired:  # left the chain meanwhile (its target may be closed): no copy needed
                 return None
-            if self.on_cbw_error == BREAK_GUEST_WRITE:
+            if isinstance(exc, RequestError) or self.on_cbw_error == BREAK_GUEST_WRITE:
                 raise
             self._break(exc)
             return None

@@ -204,7 +204,7 @@ def test_kill_9_during_heavy_writes(server_factory: Any, tmp_path: Path, data_di
         # the persistent bitmap is inconsistent: unusable, only removable
         pb = bitmaps(qmp)["pb"]
         assert pb["inconsistent"] is True and pb["recording"] is False, pb
-        assert qmp.error("block-export-add", {"type": "nbd", "id": "x", "node-name": "live",
+        assert qmp.error("block-export-add", {"type": "nbd", "id": "x", "node-name": "live", "name": "x",
                                               "writable": True, "bitmaps": ["pb"]}) == INCONSISTENT
         assert qmp.error("block-dirty-bitmap-enable", {"node": "live", "name": "pb"}) == INCONSISTENT
         qmp("block-dirty-bitmap-add", {"node": "live", "name": "tmp"})

@@ -33,6 +33,7 @@ from nbdfleece.block.memory import MemoryStore
 from nbdfleece.block.node import BlockNode, Extent, Layer, Segment
 from nbdfleece.block.tracking import DirtyTracking
 from nbdfleece.constants import AllocationState, Errno
+from nbdfleece.errors import RequestError
 
 C = 4096  # cluster size used by most tests
 SIZE = 16 * C + 1000  # the last cluster is partial
@@ -1256,13 +1257,25 @@ async def test_drain_waits_for_copies_and_reads_under_way() -> None:
 
 # -- leaving the chain (snapshot deleted, filter node deleted, job ended) --------------------
 
-async def test_a_copy_failing_after_the_filter_retired_does_not_fail_the_guest_write() -> None:
+class ClosedQcow2Target(FaultyTarget):
+    """Fails as a closed qcow2 node does: a RequestError, not an OSError."""
+
+    async def write(self, offset: int, data: memoryview, *, fua: bool = False) -> None:
+        if self.failing:
+            raise RequestError(Errno.ESHUTDOWN, "qcow2 node 'tgt' is closed")
+        await super().write(offset, data, fua=fua)
+
+
+@pytest.mark.parametrize("closed", [FaultyTarget, ClosedQcow2Target], ids=["file", "qcow2"])
+async def test_a_copy_failing_after_the_filter_retired_does_not_fail_the_guest_write(
+    closed: type[FaultyTarget],
+) -> None:
     """The owner takes the filter out and closes its target while a guest write's
     copy is under way: that write must still succeed (nothing needs the copy)."""
     old = noise(SIZE, 41)
     src = source_with(old)
     blocker = Blocker(src)
-    target = FaultyTarget(MemoryStore("tgt", SIZE), errno.EBADF)
+    target = closed(MemoryStore("tgt", SIZE), errno.EBADF)
     target.failing = False
     cbw = CopyBeforeWrite("cbw", blocker, target, cluster_size=C)  # break-guest-write
     h = blocker.hold("read", C)
