@@ -156,10 +156,14 @@ class BlockGraph:
         self._check_new_name(name)
         raw = RawFormat(name, file.top, read_only=read_only)
         node = GraphNode(name, "raw", DirtyTracking(name, raw), children=[file])
-        # Persistent bitmaps of the image live on its format node, as in QEMU.
-        for bname, bitmap in list(file.bitmaps.items()):
-            if bitmap.persistent:
-                node.bitmaps[bname] = file.bitmaps.pop(bname)
+        # Persistent bitmaps of the image live on its format node, as in QEMU -- unless
+        # the file node is in use already (exported, another parent): writes through
+        # it would then no longer reach the bitmaps.  Left below, they still see the
+        # raw node's writes too, which pass through the file node's tracking.
+        if not file.users:
+            for bname, bitmap in list(file.bitmaps.items()):
+                if bitmap.persistent:
+                    node.bitmaps[bname] = file.bitmaps.pop(bname)
         file.users += 1
         self.nodes[name] = node
         return node
@@ -317,6 +321,27 @@ class BlockGraph:
     def _mark_in_use(self, node: GraphNode) -> None:
         self.save_bitmaps(node, clean=False)
 
+    def _save_quietly(self, node: GraphNode) -> None:
+        """The sidecar again, in an undo (which must not fail): a failure is logged; the
+        bitmaps in memory are right, and the next save or a clean stop writes them."""
+        try:
+            self._mark_in_use(node)
+        except ControlError as exc:
+            log.error("%s", exc.desc)
+
+    @staticmethod
+    def _persists(node: GraphNode) -> bool:
+        """Whether ``node``'s bitmaps can go to its image's sidecar: its bytes are the
+        file's (``file``, ``raw``).  Under a format driver (qcow2, where QEMU keeps them
+        inside the image) the file's size is not the disk's: not supported here."""
+        while node.format_node is None:
+            if node.store is not None:
+                return True
+            if not node.children:
+                return False
+            node = node.children[0]
+        return False
+
     async def close(self) -> None:
         """Clean shutdown: persist exact bitmap contents, then close the files."""
         done: set[int] = set()
@@ -373,7 +398,7 @@ class BlockGraph:
         gran = DEFAULT_GRANULARITY if granularity is None else granularity
         if not valid_granularity(gran):
             raise ControlError("Granularity must be power of 2 and at least 512")
-        if persistent and (target.image() is None or target.top.read_only):
+        if persistent and (not self._persists(target) or target.top.read_only):
             raise ControlError(f"Can't store persistent bitmaps to {node}: Operation not supported")
         if name in target.bitmaps:
             raise ControlError(f"Bitmap already exists: {name}")
@@ -382,12 +407,16 @@ class BlockGraph:
         bitmap = DirtyBitmap(name, target.top.size, gran, recording=not disabled, persistent=persistent)
         target.bitmaps[name] = bitmap
         if persistent:
-            self._mark_in_use(target)
+            try:
+                self._mark_in_use(target)
+            except ControlError:  # not stored: not added either
+                target.bitmaps.pop(name, None)
+                raise
 
         def undo() -> None:
             target.bitmaps.pop(name, None)
             if persistent:
-                self._mark_in_use(target)
+                self._save_quietly(target)
 
         return undo
 
@@ -398,12 +427,16 @@ class BlockGraph:
             self._usable(bitmap, modify=True)
         del target.bitmaps[name]
         if bitmap.persistent:
-            self._mark_in_use(target)
+            try:
+                self._mark_in_use(target)
+            except ControlError:  # still stored: not removed either
+                target.bitmaps[name] = bitmap
+                raise
 
         def undo() -> None:
             target.bitmaps[name] = bitmap
             if bitmap.persistent:
-                self._mark_in_use(target)
+                self._save_quietly(target)
 
         return undo
 

@@ -320,6 +320,9 @@ class ServerHandshake:
         try:
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
+            if what == "export name":  # matches no configured name: an unknown export (nbd.md §3)
+                shown = raw.decode("utf-8", "replace")
+                raise OptionError(Rep.ERR_UNKNOWN, f"export '{shown}' not present") from None
             raise OptionError(Rep.ERR_INVALID, f"{what} is not valid UTF-8") from None
         if "\0" in name:
             raise OptionError(Rep.ERR_INVALID, f"{what} contains NUL")
@@ -444,14 +447,14 @@ class ServerHandshake:
 
     def _meta_context(self, option: int, payload: bytes) -> None:
         listing = option == Opt.LIST_META_CONTEXT
+        if not listing:
+            # SET replaces the selection even when it fails, whatever the failure.
+            self._meta_export, self._meta_selected = None, {}
         if not self.structured:
             raise OptionError(Rep.ERR_INVALID, "structured replies must be negotiated first")
         request = wire.parse_option_payload(wire.meta_context_request, payload)
         name = self._decode_name(request.name)
         queries = [self._decode_name(q, "context query") for q in request.queries]
-        if not listing:
-            # SET replaces the selection even when it then fails.
-            self._meta_export, self._meta_selected = None, {}
         info = self._lookup(name, option)
         chosen = match_contexts(info.contexts, queries, listing=listing)
         selected: dict[int, str] = {}

@@ -49,7 +49,7 @@ def load(image: str, size: int) -> tuple[list[DirtyBitmap], bool]:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         return [], False
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep JSON
         raise BitmapFileError(f"{path}: unreadable bitmap file: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise BitmapFileError(f"{path}: not a version {VERSION} {FORMAT} file")
@@ -68,7 +68,7 @@ def load(image: str, size: int) -> tuple[list[DirtyBitmap], bool]:
             if not crashed:
                 bitmap.load_bytes(base64.b64decode(item["data"], validate=True))
             bitmaps.append(bitmap)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise BitmapFileError(f"{path}: malformed bitmap entry: {exc!r}") from None
     return bitmaps, crashed
 

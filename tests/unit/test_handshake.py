@@ -158,8 +158,8 @@ def test_go_unknown_export_and_bad_lengths() -> None:
     assert replies(out)[0][1] == Rep.ERR_INVALID
     _, out = feed(hs, option(Opt.GO, go_payload("x" * 4097)))
     assert replies(out)[0][1] == Rep.ERR_INVALID
-    _, out = feed(hs, option(Opt.GO, go_payload(b"\xff\xfe")))
-    assert replies(out)[0][1] == Rep.ERR_INVALID
+    _, out = feed(hs, option(Opt.GO, go_payload(b"\xff\xfe")))  # matches nothing: unknown (nbd.md §3)
+    assert replies(out) == [(Opt.GO, Rep.ERR_UNKNOWN, "export '\ufffd\ufffd' not present".encode())]
     _, out = feed(hs, option(Opt.GO, go_payload(b"li\0ve")))
     assert replies(out)[0][1] == Rep.ERR_INVALID
     event, _ = feed(hs, option(Opt.GO, go_payload("")))
@@ -263,14 +263,17 @@ def test_meta_context_selection_needs_the_same_export() -> None:
     struct.pack(">I", 4) + b"live" + struct.pack(">II", 1, 40) + b"base",  # query overruns
     meta_payload("live", "base:allocation") + b"\0",                       # trailing bytes
     struct.pack(">I", 4) + b"li",                                          # truncated
+    struct.pack(">I", 4) + b"live" + struct.pack(">II", 1, 1) + b"\xff",   # query not UTF-8
 ])
 def test_set_meta_context_bad_lengths(payload: bytes) -> None:
+    """A failed SET, whatever fails, leaves nothing selected (not the earlier selection)."""
     hs = started()
     feed(hs, option(Opt.STRUCTURED_REPLY))
+    feed(hs, option(Opt.SET_META_CONTEXT, meta_payload("live", "base:allocation")))
     _, out = feed(hs, option(Opt.SET_META_CONTEXT, payload))
     assert replies(out)[0][1] == Rep.ERR_INVALID
     event, _ = feed(hs, option(Opt.GO, go_payload("live")))
-    assert isinstance(event, Negotiated)
+    assert isinstance(event, Negotiated) and event.contexts == {}
 
 
 def test_trickle_one_byte_at_a_time() -> None:

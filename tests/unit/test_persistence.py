@@ -379,3 +379,67 @@ async def test_graph_remove_raw_node_keeps_crash_detection(tmp_path: Path) -> No
         f"stale bitmap trusted after a crash: {pb.dirty_ranges()}"
     )
     await after.close()
+
+
+async def test_a_raw_node_over_a_file_node_in_use_leaves_the_bitmaps_below(tmp_path: Path) -> None:
+    """Moving the persistent bitmaps up to the raw node would stop them seeing writes
+    made through the file node, which is exported: they stay on it, and still see the
+    raw node's writes, which pass through it."""
+    image = make_image(tmp_path / "disk.raw")
+    graph = BlockGraph()
+    disk = graph.add_file("disk", image)
+    graph.bitmap_add("disk", "pb", persistent=True)
+    disk.users += 1  # an export of the file node
+    raw = graph.add_raw("r", disk)
+    assert "pb" in disk.bitmaps and "pb" not in raw.bitmaps
+    await write(graph, "disk", 0, b"x")
+    await write(graph, "r", 3 * MiB, b"y")
+    assert graph.bitmap("disk", "pb").dirty_ranges() == [(0, 64 * KiB), (3 * MiB, 64 * KiB)]
+    free = graph.add_file("free", make_image(tmp_path / "free.raw"))
+    graph.bitmap_add("free", "fb", persistent=True)
+    assert "fb" in graph.add_raw("fr", free).bitmaps  # a file node nobody uses: moved up, as in QEMU
+    await graph.close()
+
+
+def test_a_persistent_add_or_remove_that_cannot_be_stored_changes_nothing(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "disk.raw")
+    graph = BlockGraph()
+    node = graph.add_file("disk", image)
+    graph.bitmap_add("disk", "kept", persistent=True)
+    graph.bitmap_add("disk", "other", persistent=True)  # so that a removal rewrites the file
+    blocker = Path(str(sidecar_path(image)) + ".tmp")
+    blocker.mkdir()  # the atomic replace cannot write its temporary file
+    with pytest.raises(ControlError, match="Can't store persistent bitmaps to disk"):
+        graph.bitmap_add("disk", "p", persistent=True)
+    assert "p" not in node.bitmaps
+    with pytest.raises(ControlError, match="Can't store persistent bitmaps to disk"):
+        graph.bitmap_remove("disk", "kept")
+    assert "kept" in node.bitmaps
+    blocker.rmdir()
+
+
+def test_persistent_bitmaps_are_refused_under_a_format_driver(tmp_path: Path) -> None:
+    """A qcow2 image's file size is not its disk's: the sidecar cannot describe it."""
+    from nbdfleece.block.qcow2 import create_qcow2
+
+    create_qcow2(tmp_path / "d.qcow2", MiB)
+    graph = BlockGraph()
+    graph.add_qcow2("q", str(tmp_path / "d.qcow2"))
+    with pytest.raises(ControlError, match="Can't store persistent bitmaps to q: Operation not supported"):
+        graph.bitmap_add("q", "p", persistent=True)
+    graph.bitmap_add("q", "t")  # a transient one is fine
+    assert not sidecar_path(str(tmp_path / "d.qcow2")).exists()
+
+
+@pytest.mark.parametrize("text", [
+    '{"format": "nbdfleece-bitmaps", "version": 1, "in_use": false, "image_size": ' + str(SIZE)
+    + ', "bitmaps": [{"name": "b", "granularity": 1e999, "recording": true, "data": ""}]}',
+    "[" * 100_000 + "]" * 100_000,
+], ids=["huge-granularity", "deep-nesting"])
+def test_absurd_sidecars_are_refused_clearly(tmp_path: Path, text: str) -> None:
+    image = make_image(tmp_path / "disk.raw")
+    sidecar_path(image).write_text(text)
+    with pytest.raises(BitmapFileError):
+        persistence.load(image, SIZE)
+    with pytest.raises(ControlError, match="bitmap"):
+        BlockGraph().add_file("disk", image)
