@@ -275,7 +275,10 @@ def load_file(path: str) -> ServerConfig:
     if not isinstance(raw_limits, dict) or set(raw_limits) - known:
         raise ConfigError(f"{path}: [limits] keys must be among {sorted(known)}")
     if raw_limits:
-        limits = Limits(**{k: type(getattr(limits, k))(v) for k, v in raw_limits.items()})
+        try:
+            limits = Limits(**{k: type(getattr(limits, k))(v) for k, v in raw_limits.items()})
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ConfigError(f"{path}: [limits]: {exc}") from None
     qmp = doc.get("qmp", [])
     if isinstance(qmp, str):
         qmp = [qmp]

@@ -183,14 +183,20 @@ class BlockGraph:
         store: FileStore | None = None
         if isinstance(file, str):
             try:
+                key = self._claim_qcow2(name, os.stat(file), writable=not read_only)
+            except OSError as exc:
+                raise ControlError(f"Could not open '{file}': {exc.strerror}") from None
+            try:
                 store = FileStore(name, file, read_only=read_only)
             except OSError as exc:
+                self._release_qcow2(name, key)
                 raise ControlError(f"Could not open '{file}': {exc.strerror}") from None
             below: BlockNode = store
         else:
             below = file.top
-        image = store if store is not None else file.image() if isinstance(file, GraphNode) else None
-        key = self._claim_qcow2(name, image, writable=not (read_only or below.read_only))
+            image = file.image()
+            key = self._claim_qcow2(name, os.fstat(image.fileno()) if image is not None else None,
+                                    writable=not (read_only or below.read_only))
         try:
             qcow2 = Qcow2Node(
                 name, below, backing="header" if backing is None else backing.top, read_only=read_only
@@ -245,13 +251,13 @@ class BlockGraph:
         log.info("fault rule on '%s': %s", node.name, spec.describe())
         return layer
 
-    def _claim_qcow2(self, name: str, image: FileStore | None, *, writable: bool) -> tuple[int, int] | None:
+    def _claim_qcow2(self, name: str, st: os.stat_result | None, *, writable: bool) -> tuple[int, int] | None:
         """One qcow2 node per image while any of them writes (QEMU's image locking,
         within this process): two allocators on one file would hand out the same
-        clusters, and a reader would follow tables a writer is changing."""
-        if image is None:
+        clusters, and a reader would follow tables a writer is changing.  (Writable
+        files are also ``flock``ed, ``FileStore``, which keeps other servers out.)"""
+        if st is None:
             return None
-        st = os.fstat(image.fileno())
         key = (st.st_dev, st.st_ino)
         users = self._qcow2_users.setdefault(key, {})
         if users and (writable or any(users.values())):

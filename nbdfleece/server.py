@@ -40,6 +40,7 @@ accept loops, stops every reader, lets in-flight requests finish and reply
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno as _errno
 import ipaddress
 import itertools
@@ -55,7 +56,7 @@ import trio
 from nbdfleece.block.node import BlockNode, Segment
 from nbdfleece.buffers import BufferPool
 from nbdfleece.constants import MAX_BLOCK_SIZE, Cmd, CmdFlag, Errno
-from nbdfleece.errors import ProtocolError, RequestError, error_message, nbd_errno
+from nbdfleece.errors import ConfigError, ProtocolError, RequestError, error_message, nbd_errno
 from nbdfleece.exports import Export, ExportRegistry
 from nbdfleece.extents import shape
 from nbdfleece.handshake import NEED_DATA, Closed, Negotiated, ServerHandshake, StartTLS
@@ -126,6 +127,14 @@ class Limits:
     """Close connections idle this long with nothing in flight (0: never)."""
     inflight_bytes: int = 2 * MAX_BLOCK_SIZE + 4 * REQUEST_OVERHEAD
     shutdown_grace: float = 30.0
+
+    def __post_init__(self) -> None:
+        # NaN passes every "< 0" test and then breaks trio's timeouts, client by client.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{f.name.replace('_', '-')} must be a finite number, not negative "
+                                  f"(got {value!r})")
 
 
 class PeerClosed(Exception):

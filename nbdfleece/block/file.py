@@ -39,6 +39,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import stat
 import struct
@@ -172,6 +173,8 @@ class FileStore(BlockNode):
         self.path = path
         self._read_only = read_only
         self._fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        if not read_only:
+            self._lock_for_writing()
         st = os.fstat(self._fd)
         self._is_block = stat.S_ISBLK(st.st_mode)
         self._size = os.lseek(self._fd, 0, os.SEEK_END) if self._is_block else st.st_size
@@ -186,6 +189,20 @@ class FileStore(BlockNode):
         self._in_workers = 0
         """Calls running in worker threads with this store's descriptor."""
         self._workers_idle: trio.Event | None = None
+
+    def _lock_for_writing(self) -> None:
+        """One writer per image: a second server (or a second writable node here) on the
+        same file would write what this one's bitmaps never see, and rewrite its bitmap
+        file.  ``flock`` is advisory and independent of QEMU's ``fcntl`` locks."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._fd)
+            self._fd = -1
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise OSError(errno.EBUSY, "the image is open for writing elsewhere "
+                              "(another nbdfleece, or another node of this one)") from None
+            raise
 
     # -- properties -------------------------------------------------------
     @property

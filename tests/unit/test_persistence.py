@@ -27,6 +27,13 @@ MiB = 1 << 20
 SIZE = 8 * MiB + 4 * KiB  # not a multiple of 64 KiB: the last granule is partial
 
 
+def crash(graph: BlockGraph) -> None:
+    """What dying does to a graph: its files are closed (their locks go), nothing is saved."""
+    for node in graph:
+        if node.store is not None:
+            node.store.close_sync()
+
+
 def make_image(path: Path, size: int = SIZE) -> str:
     with open(path, "wb") as f:
         f.truncate(size)
@@ -284,7 +291,7 @@ async def test_graph_crash_leaves_bitmaps_inconsistent(tmp_path: Path) -> None:
     crashed.bitmap_add("disk", "pb", persistent=True)
     crashed.bitmap_add("disk", "other", persistent=True, granularity=1 * MiB)
     await write(crashed, "disk", 0, b"x" * 4096)
-    # No close(): the process died here.
+    crash(crashed)  # no close(): the process died here
     graph = BlockGraph()
     node = graph.add_file("disk2", image)
     assert sorted(node.bitmaps) == ["other", "pb"]
@@ -371,7 +378,7 @@ async def test_graph_remove_raw_node_keeps_crash_detection(tmp_path: Path) -> No
     assert "pb" in file_node.bitmaps
     await write(graph, "file0", 4 * MiB, b"b")  # recorded in memory only
     assert graph.bitmap("file0", "pb").dirty_ranges() == [(0, 64 * KiB), (4 * MiB, 64 * KiB)]
-    # Crash: no close().
+    crash(graph)  # no close()
     after = BlockGraph()
     node = after.add_file("file0", image)
     pb = node.bitmaps["pb"]

@@ -192,3 +192,39 @@ async def test_trickled_requests_are_served() -> None:
         assert first == (0, 77, b"")
         assert await client.reply(5) == (0, 78, b"\0xyz\0")
         nursery.cancel_scope.cancel()
+
+
+def test_limits_refuse_nan_infinite_and_negative_values() -> None:
+    """NaN slips through "< 0" and then breaks every client's timeout: refused at start."""
+    import math
+
+    import pytest
+
+    from nbdfleece.errors import ConfigError
+
+    for field in ("handshake_timeout", "request_timeout", "idle_timeout", "shutdown_grace"):
+        for bad in (math.nan, math.inf, -1.0):
+            with pytest.raises(ConfigError, match="must be a finite number"):
+                Limits(**{field: bad})
+    assert Limits(idle_timeout=0.0).idle_timeout == 0.0
+
+
+def test_a_second_writer_of_an_image_is_refused(tmp_path: object) -> None:
+    """Another server (or node) writing the same image would escape this one's bitmaps."""
+    from pathlib import Path
+
+    import pytest
+
+    from nbdfleece.block.file import FileStore
+
+    path = Path(str(tmp_path)) / "d.raw"
+    path.write_bytes(bytes(4096))
+    first = FileStore("a", str(path))
+    try:
+        with pytest.raises(OSError) as info:
+            FileStore("b", str(path))
+        assert info.value.errno == errno.EBUSY and "open for writing elsewhere" in str(info.value)
+        FileStore("r", str(path), read_only=True).close_sync()  # readers are not kept out
+    finally:
+        first.close_sync()
+    FileStore("c", str(path)).close_sync()  # free again once closed
