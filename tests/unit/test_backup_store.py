@@ -71,10 +71,20 @@ async def test_a_killed_run_leaves_nothing_the_next_run_keeps(tmp_path: Path) ->
 async def test_one_writer_at_a_time(tmp_path: Path) -> None:
     async with Folder(tmp_path, create=True):
         with pytest.raises(BackupError, match="another nbdfleece-backup is working on"):
-            async with Folder(tmp_path):
+            async with Folder(tmp_path, create=True):  # a second backup into the same folder
                 pass
-    async with Folder(tmp_path):  # released
+    async with Folder(tmp_path, create=True):  # released
         pass
+
+
+async def test_reading_a_folder_no_backup_made_is_refused(tmp_path: Path) -> None:
+    """verify, list, restore or prune on any other directory: an error, and nothing written."""
+    (tmp_path / "notes.txt").write_text("x")
+    for write in (False, True):
+        with pytest.raises(BackupError, match=r"is not a backup folder \(no manifest.json\)"):
+            async with Folder(tmp_path, write=write):
+                pass
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
 
 
 def test_full_disk_message() -> None:

@@ -188,6 +188,11 @@ class Folder:
                 raise BackupError(describe_os_error(exc, f"cannot create {self.path}")) from None
         if not self.path.is_dir():
             raise BackupError(f"{self.path} is not a backup folder (no such directory)", 2)
+        if not create and not (self.path / MANIFEST).exists():
+            # Only a backup makes a folder: reading (or locking) any other directory is a mistake.
+            if any(IMAGE_RE.match(n) for n in os.listdir(self.path)):
+                raise BackupError(f"{self.path} holds backup images but no {MANIFEST}", 2)
+            raise BackupError(f"{self.path} is not a backup folder (no {MANIFEST})", 2)
         self._lock_fd = -1
         self.manifest = Manifest()
         self.recovered: list[str] = []
