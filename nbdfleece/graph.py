@@ -183,26 +183,26 @@ class BlockGraph:
         store: FileStore | None = None
         if isinstance(file, str):
             try:
-                key = self._claim_qcow2(name, os.stat(file), writable=not read_only)
+                self._claim_qcow2(name, os.stat(file), writable=not read_only)
             except OSError as exc:
                 raise ControlError(f"Could not open '{file}': {exc.strerror}") from None
             try:
                 store = FileStore(name, file, read_only=read_only)
             except OSError as exc:
-                self._release_qcow2(name, key)
+                self._release_qcow2(name)
                 raise ControlError(f"Could not open '{file}': {exc.strerror}") from None
             below: BlockNode = store
         else:
             below = file.top
             image = file.image()
-            key = self._claim_qcow2(name, os.fstat(image.fileno()) if image is not None else None,
-                                    writable=not (read_only or below.read_only))
+            self._claim_qcow2(name, os.fstat(image.fileno()) if image is not None else None,
+                              writable=not (read_only or below.read_only))
         try:
             qcow2 = Qcow2Node(
                 name, below, backing="header" if backing is None else backing.top, read_only=read_only
             )
         except (Qcow2Error, OSError) as exc:
-            self._release_qcow2(name, key)
+            self._release_qcow2(name)
             if store is not None:
                 store.close_sync()
             raise ControlError(str(exc)) from None
@@ -251,28 +251,24 @@ class BlockGraph:
         log.info("fault rule on '%s': %s", node.name, spec.describe())
         return layer
 
-    def _claim_qcow2(self, name: str, st: os.stat_result | None, *, writable: bool) -> tuple[int, int] | None:
+    def _claim_qcow2(self, name: str, st: os.stat_result | None, *, writable: bool) -> None:
         """One qcow2 node per image while any of them writes (QEMU's image locking,
         within this process): two allocators on one file would hand out the same
         clusters, and a reader would follow tables a writer is changing.  (Writable
         files are also ``flock``ed, ``FileStore``, which keeps other servers out.)"""
         if st is None:
-            return None
-        key = (st.st_dev, st.st_ino)
-        users = self._qcow2_users.setdefault(key, {})
+            return
+        users = self._qcow2_users.setdefault((st.st_dev, st.st_ino), {})
         if users and (writable or any(users.values())):
             lock = '"write" lock' if writable else 'shared "write" lock'
             raise ControlError(f"Failed to get {lock}")
         users[name] = writable
-        return key
 
-    def _release_qcow2(self, name: str, key: tuple[int, int] | None) -> None:
-        if key is None or key not in self._qcow2_users:
-            return
-        users = self._qcow2_users[key]
-        users.pop(name, None)
-        if not users:
-            del self._qcow2_users[key]
+    def _release_qcow2(self, name: str) -> None:
+        """Node ``name`` no longer has its image open (if it was a qcow2 node)."""
+        for key, users in list(self._qcow2_users.items()):
+            if users.pop(name, None) is not None and not users:
+                del self._qcow2_users[key]
 
     async def remove(self, name: str) -> None:
         node = self.node(name)
@@ -281,9 +277,7 @@ class BlockGraph:
         for bitmap in node.bitmaps.values():
             if bitmap.busy:
                 raise ControlError(f"Node '{name}' is busy: bitmap '{bitmap.name}' is in use")
-        for key, users in list(self._qcow2_users.items()):
-            if name in users:
-                self._release_qcow2(name, key)
+        self._release_qcow2(name)
         store = node.image()
         if node.detach is not None:
             node.detach()
@@ -474,13 +468,8 @@ class BlockGraph:
         dest = self.bitmap(node, target)
         resolved = []
         for src in sources:
-            if isinstance(src, str):
-                found = self.nodes[node].bitmaps.get(src)
-                if found is None:
-                    raise ControlError(f"Dirty bitmap '{src}' not found")
-                bitmap = found
-            else:
-                bitmap = self.bitmap(src["node"], src["name"])
+            src_node, src_name = (node, src) if isinstance(src, str) else (src["node"], src["name"])
+            bitmap = self.bitmap(src_node, src_name)
             self._usable(dest, modify=True)
             self._usable(bitmap, modify=True)
             if bitmap.size != dest.size:

@@ -266,8 +266,9 @@ async def test_chains_stay_restorable(tmp_path: Path, monkeypatch: pytest.Monkey
     import nbdfleece_backup.report as report
     from nbdfleece_backup.snapshot import BitmapState
 
-    for module in (qcow2, agent, report):
-        monkeypatch.setattr(module, "MAX_BACKING_DEPTH", 3)
+    monkeypatch.setattr(qcow2, "MAX_BACKING_DEPTH", 3)
+    for module in (agent, report):
+        monkeypatch.setattr(module, "MAX_CHAIN_IMAGES", 4)
     folder = tmp_path / "backups"
     states = await build_chain(folder, count=5)  # full + 4 incrementals: point 5 sits on 5 images
     await restore(folder, 4, str(tmp_path / "p4.raw"), progress=QUIET)  # 4 images: opens

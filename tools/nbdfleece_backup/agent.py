@@ -26,7 +26,6 @@ from pathlib import Path
 
 import trio
 
-from nbdfleece.block.qcow2 import MAX_BACKING_DEPTH
 from nbdfleece.client import NbdClient, NbdError
 from nbdfleece.constants import QEMU_DIRTY_BITMAP_PREFIX
 from nbdfleece_backup.connections import Connections, Tls, describe, export_uri, open_connections, tls_for
@@ -46,7 +45,7 @@ from nbdfleece_backup.plan import (
 from nbdfleece_backup.progress import Progress, human, rate
 from nbdfleece_backup.qmp import Qmp
 from nbdfleece_backup.snapshot import BitmapState, ServerSide, Snapshot
-from nbdfleece_backup.store import Folder, Manifest, Point, image_name, now_iso
+from nbdfleece_backup.store import MAX_CHAIN_IMAGES, Folder, Manifest, Point, image_name, now_iso
 
 BASE_ALLOCATION = "base:allocation"
 PIPELINE = 2
@@ -99,7 +98,7 @@ def incremental_blocker(manifest: Manifest, bitmaps: dict[str, BitmapState], siz
     if not state.recording:
         return f"bitmap '{last.bitmap}' is disabled: changes since point {last.seq} may have been missed"
     images = len(manifest.chain(last.seq))
-    if images > MAX_BACKING_DEPTH:  # one more would make a chain no restore can open
+    if images >= MAX_CHAIN_IMAGES:  # one more would make a chain no restore can open
         return (f"point {last.seq} already sits on a chain of {images} images, the most a restore "
                 "opens (prune merges old points into newer ones)")
     return None

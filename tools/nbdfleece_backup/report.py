@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nbdfleece.block.qcow2 import MAX_BACKING_DEPTH
 from nbdfleece_backup.image import check_image, point_problems
 from nbdfleece_backup.progress import human
-from nbdfleece_backup.store import IMAGE_RE, Folder
+from nbdfleece_backup.store import IMAGE_RE, MAX_CHAIN_IMAGES, Folder
 
 
 async def listing(folder_path: Path) -> str:
@@ -53,10 +52,9 @@ async def verify(folder_path: Path) -> tuple[list[str], list[str]]:
                     found.append(f"its backing image {p.backing} is not a point of the folder")
                 elif parent.seq >= p.seq:
                     found.append(f"its backing image {p.backing} is not older than it")
-                elif len(m.chain(p.seq)) > MAX_BACKING_DEPTH + 1:
-                    found.append(f"its chain holds {len(m.chain(p.seq))} images, more than a restore "
-                                 f"opens ({MAX_BACKING_DEPTH + 1}): restore it with qemu-img convert, "
-                                 "or prune")
+                elif (images := len(m.chain(p.seq))) > MAX_CHAIN_IMAGES:
+                    found.append(f"its chain holds {images} images, more than a restore opens "
+                                 f"({MAX_CHAIN_IMAGES}): restore it with qemu-img convert, or prune")
             image = await point_problems(path, p)  # header (or missing file), then content
             found += image
             if not image:

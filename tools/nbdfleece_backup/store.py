@@ -33,12 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from nbdfleece import durable
+from nbdfleece.block.qcow2 import MAX_BACKING_DEPTH
 from nbdfleece.block.workers import run_blocking
 from nbdfleece.durable import TMP_SUFFIX
 from nbdfleece.durable import fsync_dir as fsync_dir
 from nbdfleece_backup.errors import BackupError
 
 MANIFEST = "manifest.json"
+MAX_CHAIN_IMAGES = MAX_BACKING_DEPTH + 1
+"""Images a restore opens in one chain: a full backup and its incrementals."""
 LOCK = ".lock"
 FORMAT = "nbdfleece-backup"
 VERSION = 1
@@ -190,8 +193,7 @@ class Folder:
             raise BackupError(f"{self.path} is not a backup folder (no such directory)", 2)
         if not create and not (self.path / MANIFEST).exists():
             # Only a backup makes a folder: reading (or locking) any other directory is a mistake.
-            if any(IMAGE_RE.match(n) for n in os.listdir(self.path)):
-                raise BackupError(f"{self.path} holds backup images but no {MANIFEST}", 2)
+            self._refuse_stray_images()
             raise BackupError(f"{self.path} is not a backup folder (no {MANIFEST})", 2)
         self._lock_fd = -1
         self.manifest = Manifest()
@@ -240,13 +242,16 @@ class Folder:
     def manifest_path(self) -> Path:
         return self.path / MANIFEST
 
+    def _refuse_stray_images(self) -> None:
+        """No manifest: images in the folder mean it was lost, not that the folder is new."""
+        if any(IMAGE_RE.match(n) for n in os.listdir(self.path)):
+            raise BackupError(f"{self.path} holds backup images but no {MANIFEST}", 2)
+
     def _load(self) -> Manifest:
         try:
             text = self.manifest_path.read_text()
         except FileNotFoundError:
-            stray = [n for n in os.listdir(self.path) if IMAGE_RE.match(n)]
-            if stray:
-                raise BackupError(f"{self.path} holds backup images but no {MANIFEST}", 2) from None
+            self._refuse_stray_images()
             return Manifest()
         except OSError as exc:
             raise BackupError(describe_os_error(exc, f"cannot read {self.manifest_path}")) from None
